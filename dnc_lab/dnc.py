@@ -1,0 +1,327 @@
+"""The Differentiable Neural Computer: controller(s), memory, output. pytorch-dnc 1.1.0's API.
+
+Shapes: B batch, T time steps, I input width, O output width, N cells, W cell width,
+R read heads, H write heads, C controller width (``hidden_size``).
+
+One time step, for a stack of ``num_layers`` controller layers (the paper has one)::
+
+    layer 0 input  = [x_t, r_{t-1}]                 r_{t-1}: the top layer's reads at t-1, [B, R*W]
+    layer l        : h = clip(controller_l(input)); r^l = memory_l(h)   (memory_0 if shared)
+    layer l+1 input = [h, r^l]
+    output y_t     = W_y [h, r]  of the top layer
+
+Differences from pytorch-dnc 1.1.0, all deliberate (see README):
+  * the controller sees the previous step's read vectors (pytorch-dnc feeds it zeros);
+  * initial states are zeros, so a call is deterministic (pytorch-dnc redraws them each call);
+  * ``bidirectional=True`` runs a second DNC over the reversed sequence (pytorch-dnc ignores it);
+  * ``rnn_type='ff'`` gives a feed-forward controller; ``num_writes`` gives several write heads;
+  * the link matrix and the ``debug`` views have one row per write head / per time step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from dnc_lab.memory import STATE_KEYS, MemoryAccess, MemoryState
+
+RNN_TYPES = ("lstm", "gru", "rnn", "ff")
+NONLINEARITIES = ("tanh", "relu")
+
+
+class FeedForwardController(nn.Module):
+    """``num_hidden_layers`` linear layers, each followed by the nonlinearity. Stateless."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int, bias: bool, nonlinearity: str, dropout: float):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(num_layers):
+            layers.append(nn.Linear(input_size if i == 0 else hidden_size, hidden_size, bias=bias))
+            layers.append(nn.Tanh() if nonlinearity == "tanh" else nn.ReLU())
+            if dropout and i < num_layers - 1:
+                layers.append(nn.Dropout(dropout))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, hidden: None = None) -> tuple[torch.Tensor, None]:
+        return self.net(x), None
+
+
+def _make_controller(rnn_type: str, input_size: int, hidden_size: int, num_hidden_layers: int,
+                     bias: bool, nonlinearity: str, dropout: float) -> nn.Module:
+    if rnn_type == "ff":
+        return FeedForwardController(input_size, hidden_size, num_hidden_layers, bias, nonlinearity, dropout)
+    # Stepped one time step at a time, time-major: input [1, B, in].
+    kwargs = dict(num_layers=num_hidden_layers, bias=bias, dropout=dropout if num_hidden_layers > 1 else 0.0)
+    if rnn_type == "lstm":
+        return nn.LSTM(input_size, hidden_size, **kwargs)
+    if rnn_type == "gru":
+        return nn.GRU(input_size, hidden_size, **kwargs)
+    return nn.RNN(input_size, hidden_size, nonlinearity=nonlinearity, **kwargs)
+
+
+class DNCCore(nn.Module):
+    """One direction of a DNC: the controller stack and its memory (or memories), no output layer.
+
+    ``forward`` maps time-major input [T, B, I] to features [T, B, C + R*W] (the top layer's
+    controller output and read vectors, from which the output layer reads), the final state,
+    and optionally per-step views for debugging.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, rnn_type: str, num_layers: int, num_hidden_layers: int,
+                 bias: bool, dropout: float, nr_cells: int, read_heads: int, cell_size: int, nonlinearity: str,
+                 independent_linears: bool, share_memory: bool, clip: float, num_writes: int):
+        super().__init__()
+        self.rnn_type = rnn_type
+        self.share_memory = share_memory
+        self.clip = clip
+        self.read_size = read_heads * cell_size
+        self.controllers = nn.ModuleList(
+            _make_controller(rnn_type, (input_size if layer == 0 else hidden_size) + self.read_size, hidden_size,
+                             num_hidden_layers, bias, nonlinearity, dropout)
+            for layer in range(num_layers)
+        )
+        self.memories = nn.ModuleList(
+            MemoryAccess(hidden_size, nr_cells, cell_size, read_heads, num_writes, independent_linears)
+            for _ in range(1 if share_memory else num_layers)
+        )
+
+    def initial_state(self, hx: Any, batch_size: int, like: torch.Tensor, reset_experience: bool):
+        """Fill the parts of ``hx`` that are None with zeros; zero the memory if ``reset_experience``."""
+        controller_hidden, memory, read_vectors = (None, None, None) if hx is None else hx
+        if controller_hidden is None:
+            controller_hidden = [None] * len(self.controllers)  # torch RNNs start from zeros
+        else:
+            controller_hidden = list(controller_hidden)
+        fresh = [m.initial_state(batch_size, like.dtype, like.device) for m in self.memories]
+        if memory is None or reset_experience:
+            memories = fresh
+        else:
+            memories = [memory] if self.share_memory else list(memory)
+            for given, empty in zip(memories, fresh):
+                _check_state(given, empty)
+        if read_vectors is None:
+            read_vectors = like.new_zeros(batch_size, self.read_size)
+        return controller_hidden, memories, read_vectors
+
+    def forward(self, x: torch.Tensor, hx: Any, reset_experience: bool, pass_through_memory: bool,
+                want_views: bool):
+        """x [T, B, I] -> features [T, B, C + R*W], (controller_hidden, memory, read_vectors), views or None."""
+        steps, batch = x.shape[0], x.shape[1]
+        controller_hidden, memories, reads = self.initial_state(hx, batch, x, reset_experience)
+        features, views = [], [] if want_views else None
+        for t in range(steps):
+            layer_input = torch.cat([x[t], reads], dim=-1)
+            for layer, controller in enumerate(self.controllers):
+                hidden, controller_hidden[layer] = self._control(controller, layer_input, controller_hidden[layer])
+                if pass_through_memory:
+                    slot = 0 if self.share_memory else layer
+                    step = self.memories[slot](hidden, memories[slot])
+                    memories[slot] = step.state
+                    reads = step.read_vectors.flatten(1)  # [B, R*W]
+                layer_input = torch.cat([hidden, reads], dim=-1)
+            features.append(layer_input)
+            if want_views and pass_through_memory:
+                views.append(_view_of_first_sample(step.state, step.interface))
+        memory_out = memories[0] if self.share_memory else memories
+        state = (controller_hidden, memory_out, reads if pass_through_memory else None)
+        return torch.stack(features), state, views
+
+    def _control(self, controller: nn.Module, layer_input: torch.Tensor, hidden: Any):
+        if self.rnn_type == "ff":
+            output, hidden = controller(layer_input)
+        else:
+            output, hidden = controller(layer_input.unsqueeze(0), hidden)
+            output = output.squeeze(0)
+        if self.clip:
+            # pytorch-dnc's `clip`: bound the controller output that feeds the interface.
+            output = output.clamp(-self.clip, self.clip)
+        return output, hidden
+
+
+def _check_state(given: Any, expected: MemoryState) -> None:
+    if not isinstance(given, dict) or set(given) != set(STATE_KEYS):
+        keys = sorted(given) if isinstance(given, dict) else type(given).__name__
+        raise ValueError(f"memory state must be a dict with keys {list(STATE_KEYS)}, got {keys}")
+    for key in STATE_KEYS:
+        if tuple(given[key].shape) != tuple(expected[key].shape):
+            raise ValueError(
+                f"memory state '{key}' has shape {tuple(given[key].shape)}, expected {tuple(expected[key].shape)}"
+            )
+
+
+def _view_of_first_sample(state: MemoryState, interface) -> dict[str, torch.Tensor]:
+    """Batch element 0 of the state and gates after one step, each flattened to one row."""
+    view = {key: state[key][0].detach().flatten() for key in STATE_KEYS}
+    view.update(
+        write_gate=interface.write_gates[0].detach(),
+        allocation_gate=interface.allocation_gates[0].detach(),
+        free_gates=interface.free_gates[0].detach(),
+        read_modes=interface.read_modes[0].detach().flatten(),
+    )
+    return view
+
+
+def _stack_views(views: list[dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
+    """A list of per-step rows -> one [T, width] numpy array per key (one device sync)."""
+    if not views:
+        return {}
+    return {key: torch.stack([v[key] for v in views]).float().cpu().numpy() for key in views[0]}
+
+
+class DNC(nn.Module):
+    """A Differentiable Neural Computer with pytorch-dnc 1.1.0's constructor and ``forward``.
+
+    ``from dnc_lab import DNC`` replaces ``from dnc import DNC``; see the README's parameter table.
+
+    Input [B, T, input_size] when ``batch_first`` (else [T, B, input_size]); output of the same
+    layout with width ``output_size`` (default ``input_size``, as in pytorch-dnc).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        rnn_type: str = "lstm",
+        num_layers: int = 1,
+        num_hidden_layers: int = 2,
+        bias: bool = True,
+        batch_first: bool = True,
+        dropout: float = 0,
+        bidirectional: bool = False,
+        nr_cells: int = 5,
+        read_heads: int = 2,
+        cell_size: int = 10,
+        nonlinearity: str = "tanh",
+        gpu_id: int = -1,
+        independent_linears: bool = False,
+        share_memory: bool = True,
+        debug: bool = False,
+        clip: float = 20,
+        num_writes: int = 1,
+        output_size: Optional[int] = None,
+        device: Optional[torch.device | str] = None,
+    ):
+        super().__init__()
+        rnn_type = rnn_type.lower() if isinstance(rnn_type, str) else rnn_type
+        _validate(locals())
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.rnn_type = rnn_type
+        self.num_layers = num_layers
+        self.num_hidden_layers = num_hidden_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = dropout
+        self.bidirectional = bidirectional
+        self.nr_cells = nr_cells
+        self.read_heads = read_heads
+        self.cell_size = cell_size
+        self.nonlinearity = nonlinearity
+        self.gpu_id = gpu_id
+        self.independent_linears = independent_linears
+        self.share_memory = share_memory
+        self.debug = debug
+        self.clip = clip
+        self.num_writes = num_writes
+        self.output_size = output_size or input_size
+
+        core_args = (input_size, hidden_size, rnn_type, num_layers, num_hidden_layers, bias, dropout, nr_cells,
+                     read_heads, cell_size, nonlinearity, independent_linears, share_memory, clip, num_writes)
+        directions = 2 if bidirectional else 1
+        self.cores = nn.ModuleList(DNCCore(*core_args) for _ in range(directions))
+        self.output = nn.Linear(directions * (hidden_size + read_heads * cell_size), self.output_size)
+        self.to(_resolve_device(gpu_id, device))
+
+    def forward(self, input: torch.Tensor, hx: Any = None, reset_experience: bool = False,
+                pass_through_memory: bool = True):
+        """Run the DNC over a sequence.
+
+        input: [B, T, I] (batch_first) or [T, B, I].
+        hx: None, or (controller_hidden, memory, read_vectors), any of them None:
+            controller_hidden  per layer, what that layer's torch RNN returns (None for 'ff');
+            memory             a state dict (see dnc_lab.memory), a list of them per layer when
+                               share_memory=False;
+            read_vectors       [B, R*W], the top layer's reads of the previous step.
+            With bidirectional=True each of the three is a list: [forward direction, backward].
+        reset_experience: start from an empty memory even when ``hx`` carries one.
+        Returns output [B, T, O] (or [T, B, O]), the new hx, and with ``debug`` a dict of views.
+        """
+        output, state, views = self._run(input, hx, reset_experience, pass_through_memory, self.debug)
+        if self.debug:
+            return output, state, views
+        return output, state
+
+    def trace(self, input: torch.Tensor, hx: Any = None, reset_experience: bool = False):
+        """Like ``forward`` with ``debug=True``: returns (output, hx, views) whatever ``self.debug`` is.
+
+        views: numpy arrays for batch element 0, one row per time step, taken after the top
+        layer's memory step (forward direction): memory [T, N*W], link_matrix [T, H*N*N],
+        precedence [T, H*N], read_weights [T, R*N], write_weights [T, H*N], usage_vector [T, N],
+        write_gate [T, H], allocation_gate [T, H], free_gates [T, R], read_modes [T, R*(2H+1)].
+        """
+        return self._run(input, hx, reset_experience, True, True)
+
+    def _run(self, input, hx, reset_experience, pass_through_memory, want_views):
+        if isinstance(input, nn.utils.rnn.PackedSequence):
+            raise TypeError("PackedSequence input is not supported: pad the batch and mask the loss instead")
+        if input.dim() != 3 or input.shape[-1] != self.input_size:
+            layout = "[batch, time, input_size]" if self.batch_first else "[time, batch, input_size]"
+            raise ValueError(
+                f"input has shape {tuple(input.shape)}, expected {layout} with input_size={self.input_size}"
+            )
+        x = input.transpose(0, 1) if self.batch_first else input  # [T, B, I]
+        if self.bidirectional:
+            parts = [[None, None] if part is None else part for part in (hx or (None, None, None))]
+            hx_directions = list(zip(*parts))
+            forward = self.cores[0](x, hx_directions[0], reset_experience, pass_through_memory, want_views)
+            backward = self.cores[1](x.flip(0), hx_directions[1], reset_experience, pass_through_memory, False)
+            features = torch.cat([forward[0], backward[0].flip(0)], dim=-1)
+            state = tuple([f, b] for f, b in zip(forward[1], backward[1]))
+            views = forward[2]
+        else:
+            features, state, views = self.cores[0](x, hx, reset_experience, pass_through_memory, want_views)
+        output = self.output(features)  # [T, B, O]
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        return output, state, (_stack_views(views) if want_views else None)
+
+
+def _resolve_device(gpu_id: int, device: Optional[torch.device | str]) -> torch.device:
+    if device is not None:
+        device = torch.device(device)
+    elif gpu_id is not None and gpu_id >= 0:
+        device = torch.device("cuda", gpu_id)
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {device} was asked for (gpu_id={gpu_id}), but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device {device} was asked for, but only {torch.cuda.device_count()} CUDA devices exist")
+    return device
+
+
+def _validate(args: dict[str, Any]) -> None:
+    """Reject impossible hyper-parameters with a message naming the value and what is allowed."""
+
+    def positive_int(name: str) -> None:
+        value = args[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: expected a positive integer")
+
+    for name in ("input_size", "hidden_size", "num_layers", "num_hidden_layers", "nr_cells", "read_heads",
+                 "cell_size", "num_writes"):
+        positive_int(name)
+    if args["output_size"] is not None:
+        positive_int("output_size")
+    if args["rnn_type"] not in RNN_TYPES:
+        raise ValueError(f"rnn_type={args['rnn_type']!r}: expected one of {list(RNN_TYPES)}")
+    if args["nonlinearity"] not in NONLINEARITIES:
+        raise ValueError(f"nonlinearity={args['nonlinearity']!r}: expected one of {list(NONLINEARITIES)}")
+    if not 0 <= args["dropout"] < 1:
+        raise ValueError(f"dropout={args['dropout']!r}: expected a probability in [0, 1)")
+    if args["clip"] < 0:
+        raise ValueError(f"clip={args['clip']!r}: expected >= 0 (0 disables clipping)")
