@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from dnc_lab.memory import STATE_KEYS, MemoryAccess, MemoryState
@@ -107,13 +108,38 @@ class DNCCore(nn.Module):
         return controller_hidden, memories, read_vectors
 
     def forward(self, x: torch.Tensor, hx: Any, reset_experience: bool, pass_through_memory: bool,
-                want_views: bool):
-        """x [T, B, I] -> features [T, B, C + R*W], (controller_hidden, memory, read_vectors), views or None."""
+                want_views: bool, checkpoint_steps: int = 0):
+        """x [T, B, I] -> features [T, B, C + R*W], (controller_hidden, memory, read_vectors), views or None.
+
+        checkpoint_steps > 0 keeps only the state at every that many steps for the backward pass and
+        recomputes the steps in between: memory drops from O(T·B·N²) to O((T/k + k)·B·N²) for about
+        one more forward pass of compute. The numbers do not change.
+        """
         steps, batch = x.shape[0], x.shape[1]
         controller_hidden, memories, reads = self.initial_state(hx, batch, x, reset_experience)
-        features, views = [], [] if want_views else None
-        for t in range(steps):
-            layer_input = torch.cat([x[t], reads], dim=-1)
+        chunk = checkpoint_steps if checkpoint_steps and torch.is_grad_enabled() and not want_views else steps
+        features, views = [], []
+        for start in range(0, steps, chunk):
+            args = (x[start:start + chunk], controller_hidden, memories, reads, pass_through_memory, want_views)
+            if chunk < steps:
+                result = torch.utils.checkpoint.checkpoint(self._steps, *args, use_reentrant=False)
+            else:
+                result = self._steps(*args)
+            chunk_features, controller_hidden, memories, reads, chunk_views = result
+            features.append(chunk_features)
+            views.extend(chunk_views)
+        memory_out = memories[0] if self.share_memory else memories
+        state = (controller_hidden, memory_out, reads if pass_through_memory else None)
+        return torch.cat(features), state, (views if want_views else None)
+
+    def _steps(self, x: torch.Tensor, controller_hidden: list, memories: list, reads: torch.Tensor,
+               pass_through_memory: bool, want_views: bool):
+        """The recurrence over x [t, B, I], from the given state. Returns features [t, B, C + R*W],
+        the state after the last step, and per-step views (empty unless asked for)."""
+        controller_hidden, memories = list(controller_hidden), list(memories)
+        features, views = [], []
+        for x_t in x:
+            layer_input = torch.cat([x_t, reads], dim=-1)
             for layer, controller in enumerate(self.controllers):
                 hidden, controller_hidden[layer] = self._control(controller, layer_input, controller_hidden[layer])
                 if pass_through_memory:
@@ -125,9 +151,7 @@ class DNCCore(nn.Module):
             features.append(layer_input)
             if want_views and pass_through_memory:
                 views.append(_view_of_first_sample(step.state, step.interface))
-        memory_out = memories[0] if self.share_memory else memories
-        state = (controller_hidden, memory_out, reads if pass_through_memory else None)
-        return torch.stack(features), state, views
+        return torch.stack(features), controller_hidden, memories, reads, views
 
     def _control(self, controller: nn.Module, layer_input: torch.Tensor, hidden: Any):
         if self.rnn_type == "ff":
@@ -203,6 +227,7 @@ class DNC(nn.Module):
         num_writes: int = 1,
         output_size: Optional[int] = None,
         device: Optional[torch.device | str] = None,
+        checkpoint_steps: int = 0,
     ):
         super().__init__()
         rnn_type = rnn_type.lower() if isinstance(rnn_type, str) else rnn_type
@@ -227,6 +252,7 @@ class DNC(nn.Module):
         self.clip = clip
         self.num_writes = num_writes
         self.output_size = output_size or input_size
+        self.checkpoint_steps = checkpoint_steps
 
         core_args = (input_size, hidden_size, rnn_type, num_layers, num_hidden_layers, bias, dropout, nr_cells,
                      read_heads, cell_size, nonlinearity, independent_linears, share_memory, clip, num_writes)
@@ -276,13 +302,16 @@ class DNC(nn.Module):
         if self.bidirectional:
             parts = [[None, None] if part is None else part for part in (hx or (None, None, None))]
             hx_directions = list(zip(*parts))
-            forward = self.cores[0](x, hx_directions[0], reset_experience, pass_through_memory, want_views)
-            backward = self.cores[1](x.flip(0), hx_directions[1], reset_experience, pass_through_memory, False)
+            forward = self.cores[0](x, hx_directions[0], reset_experience, pass_through_memory, want_views,
+                                    self.checkpoint_steps)
+            backward = self.cores[1](x.flip(0), hx_directions[1], reset_experience, pass_through_memory, False,
+                                     self.checkpoint_steps)
             features = torch.cat([forward[0], backward[0].flip(0)], dim=-1)
             state = tuple([f, b] for f, b in zip(forward[1], backward[1]))
             views = forward[2]
         else:
-            features, state, views = self.cores[0](x, hx, reset_experience, pass_through_memory, want_views)
+            features, state, views = self.cores[0](x, hx, reset_experience, pass_through_memory, want_views,
+                                                   self.checkpoint_steps)
         output = self.output(features)  # [T, B, O]
         if self.batch_first:
             output = output.transpose(0, 1)
@@ -323,5 +352,8 @@ def _validate(args: dict[str, Any]) -> None:
         raise ValueError(f"nonlinearity={args['nonlinearity']!r}: expected one of {list(NONLINEARITIES)}")
     if not 0 <= args["dropout"] < 1:
         raise ValueError(f"dropout={args['dropout']!r}: expected a probability in [0, 1)")
+    if isinstance(args["checkpoint_steps"], bool) or not isinstance(args["checkpoint_steps"], int) \
+            or args["checkpoint_steps"] < 0:
+        raise ValueError(f"checkpoint_steps={args['checkpoint_steps']!r}: expected an integer >= 0 (0: off)")
     if args["clip"] < 0:
         raise ValueError(f"clip={args['clip']!r}: expected >= 0 (0 disables clipping)")

@@ -173,6 +173,21 @@ def test_one_call_equals_two_halves_with_state_passed_along(rnn_type):
     assert torch.allclose(second_state[1]["link_matrix"], whole_state[1]["link_matrix"], atol=1e-10)
 
 
+@pytest.mark.parametrize("checkpoint_steps", [1, 3])
+def test_checkpointing_steps_gives_the_same_values_and_gradients(checkpoint_steps):
+    x = sequence(steps=8, dtype=torch.float64)
+    results = []
+    for steps in (0, checkpoint_steps):
+        model = make(checkpoint_steps=steps, num_layers=2, dropout=0.2).to(torch.float64)
+        torch.manual_seed(7)  # the same dropout masks; checkpointing replays them in the backward pass
+        output, (_, memory, _) = model(x)
+        (output.pow(2).sum() + memory["link_matrix"].sum()).backward()
+        results.append((output.detach(), [p.grad for p in model.parameters()]))
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert torch.allclose(out_a, out_b, atol=1e-12)
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(grads_a, grads_b))
+
+
 def test_samples_do_not_influence_each_other():
     model = make().to(torch.float64).eval()
     x = sequence(batch=4, dtype=torch.float64).requires_grad_(True)
