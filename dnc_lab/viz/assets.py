@@ -223,11 +223,12 @@ def _visdom_fetches_from(fetch) -> Iterator[None]:
         yield
 
 
-def visdom_static_dir() -> Path:
-    """`<visdom package>/static`, the only place Visdom's server serves its assets from."""
+def visdom_dir() -> Path:
+    """The installed visdom package folder; its static/ is the only place Visdom's server
+    serves assets from."""
     from visdom.utils.shared_utils import get_visdom_path
 
-    return Path(get_visdom_path("static"))
+    return Path(get_visdom_path())
 
 
 def expected_files() -> list[str]:
@@ -256,16 +257,19 @@ class Status:
     static_dir: Path
     missing: list[str]
     built: bool
+    written: int = 0         # files written by the install that returned this status
+    packed: tuple = ()       # npm packages that install had to `npm pack` (not in the cache)
 
     @property
     def ok(self) -> bool:
         return self.built and not self.missing
 
 
-def status() -> Status:
+def status(install_dir: Path | None = None) -> Status:
+    """What is in `<install_dir>/static` (default: the installed visdom's)."""
     import visdom
 
-    static = visdom_static_dir()
+    static = Path(install_dir or visdom_dir()) / "static"
     missing = [
         rel for rel in expected_files()
         if not (static / rel).is_file() or (static / rel).stat().st_size == 0
@@ -275,12 +279,14 @@ def status() -> Status:
     return Status(static, missing, built)
 
 
-def install(cache: Path | None = None, npm: str = "npm", quiet: bool = False) -> Status:
+def install(cache: Path | None = None, npm: str = "npm", quiet: bool = False,
+            install_dir: Path | None = None) -> Status:
     """Put every file Visdom's server needs into its static/ folder, from npm tarballs.
 
     Idempotent: when visdom's `version.built` stamp is current and every file is there, visdom's
     own check skips all fetching and nothing is read. Raises AssetError naming the npm package
-    (and file) that could not be had.
+    (and file) that could not be had. `install_dir` (default: the visdom package folder) is
+    where visdom's download_scripts puts static/.
     """
     import visdom.server.build as build
 
@@ -295,10 +301,11 @@ def install(cache: Path | None = None, npm: str = "npm", quiet: bool = False) ->
     sink = io.StringIO() if quiet else sys.stdout
     try:
         with _visdom_fetches_from(fetch), contextlib.redirect_stdout(sink):
-            build.download_scripts()
+            build.download_scripts(install_dir=str(install_dir or visdom_dir()))
     finally:
         tarballs.close()
-    result = status()
+    result = status(install_dir)
+    result.written, result.packed = len(fetched), tuple(tarballs.packed)
     if not result.ok:
         raise AssetError(
             "visdom's assets are still incomplete after installing from npm tarballs; missing: "

@@ -21,7 +21,8 @@ import requests
 
 
 class VisdomUnavailable(ConnectionError):
-    """The server did not answer (refused, timed out) or rejected a request."""
+    """The server did not answer (refused, timed out) or rejected a request; the message says
+    which, without the URL (callers name the server)."""
 
 
 def server_url(server: str = "http://localhost", port: int = 8097, base_url: str = "") -> str:
@@ -60,14 +61,16 @@ class VisdomConnection:
         try:
             response = self._session.post(url, timeout=self.timeout_s, **kwargs)
         except requests.Timeout as exc:
-            raise VisdomUnavailable(f"no answer from {self.url} within {self.timeout_s:g} s") from exc
+            raise VisdomUnavailable(f"no answer within {self.timeout_s:g} s") from exc
+        except requests.ConnectionError as exc:
+            raise VisdomUnavailable("connection refused or failed") from exc
         except requests.RequestException as exc:
-            raise VisdomUnavailable(f"cannot reach {self.url} ({type(exc).__name__})") from exc
+            raise VisdomUnavailable(type(exc).__name__) from exc
         if response.status_code != 200:
             hint = " (login needed? set VISDOM_USERNAME and VISDOM_PASSWORD)" \
                 if response.status_code == 400 and not self.username else ""
             raise VisdomUnavailable(
-                f"{what or url} answered HTTP {response.status_code}{hint}")
+                f"{what or 'request'} answered HTTP {response.status_code}{hint}")
         return response
 
     def post(self, endpoint: str, body: dict) -> str:

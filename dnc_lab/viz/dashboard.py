@@ -282,7 +282,7 @@ class Dashboard:
             return
         self._warned = True
         logger.warning(
-            "Visdom: %s. Training goes on without the live dashboard; every event is still "
-            "written to %s. Start a server with `dnclab server --port %s`, then replay this run "
-            "with `dnclab viz --run %s`.",
-            exc, self.log.path, self.port, self.run_dir.name)
+            "Visdom server at %s: %s. Training goes on without the live dashboard; every event "
+            "is still written to %s. Start a server with `dnclab server --port %s`, then replay "
+            "this run with `dnclab viz --run %s`.",
+            self.connection.url, exc, self.log.path, self.port, self.run_dir.name)

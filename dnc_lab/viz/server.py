@@ -77,6 +77,7 @@ def serve(port: int = 8097, host: str = "127.0.0.1", env_path: str | None = None
         raise ServerError("--force-new-cookie only applies together with --enable-login")
     ensure_assets()
 
+    import visdom.server.app as visdom_app
     import visdom.server.run_server as run_server
 
     class BoundApplication(run_server.Application):
@@ -95,7 +96,10 @@ def serve(port: int = 8097, host: str = "127.0.0.1", env_path: str | None = None
 
     argv = visdom_argv(port, env_path, base_url, enable_login, force_new_cookie, readonly, host)
     try:
+        # visdom turns on tornado's debug mode, whose autoreload re-runs the process with
+        # sys.argv whenever an imported source file changes; a server must not restart itself.
         with mock.patch.object(run_server, "Application", BoundApplication), \
+                mock.patch.dict(visdom_app.tornado_settings, {"autoreload": False}), \
                 mock.patch.object(sys, "argv", argv):
             run_server.main(print_func=announce)
     except OSError as exc:

@@ -1,0 +1,155 @@
+"""Dashboard streaming against a real Visdom server, a refused port and a hung one; event log."""
+
+import json
+import logging
+import time
+
+import numpy as np
+import pytest
+
+from dnc_lab.viz import eventlog
+from dnc_lab.viz.dashboard import Dashboard, env_name
+from viz_fixtures import MODEL_DIMS, expected_windows, random_views
+
+N, W, R = MODEL_DIMS["nr_cells"], MODEL_DIMS["cell_size"], MODEL_DIMS["read_heads"]
+
+
+def test_env_names_use_dashes():
+    assert env_name("copy_run_007") == "copy-run-007"
+
+
+def test_snapshot_event_unflattens_views_and_rounds(dnc_sample):
+    views, inputs, targets, outputs, mask = dnc_sample
+    event = eventlog.snapshot_event(10, 0.123456789, views, MODEL_DIMS, inputs, targets,
+                                    outputs, mask)
+    shapes = {k: np.asarray(v).shape for k, v in event["views"].items()}
+    t = inputs.shape[0]
+    assert shapes == {"memory": (N, W), "link_matrix": (1, N, N), "precedence": (t, 1, N),
+                      "write_weights": (t, 1, N), "read_weights": (t, R, N),
+                      "usage_vector": (t, N), "write_gate": (t, 1), "allocation_gate": (t, 1),
+                      "free_gates": (t, R), "read_modes": (t, R, 3)}
+    # head 1's weighting at step 3 is where the model reported it in its flat [T, R*N] view
+    assert np.allclose(event["views"]["read_weights"][3][1], views["read_weights"][3, N:2 * N],
+                       atol=5e-5)
+    assert np.allclose(event["views"]["memory"], views["memory"][-1].reshape(N, W), atol=5e-5)
+    assert event["loss"] == 0.123457
+    line = json.dumps(event)
+    assert "0.12345678" not in line and len(line) < 40_000
+
+
+def test_event_log_reader_skips_only_a_cut_last_line(tmp_path):
+    log = eventlog.EventLog(tmp_path / "visdom.jsonl")
+    log.write(eventlog.scalars_event(1, {"loss": 1.0}))
+    log.write(eventlog.scalars_event(2, {"loss": float("nan")}))
+    log.close()
+    path = tmp_path / "visdom.jsonl"
+    with open(path, "a") as f:
+        f.write('{"kind": "scal')  # a run writing right now
+    events = list(eventlog.read_events(path))
+    assert [e["step"] for e in events] == [1, 2] and events[1]["values"]["loss"] is None
+    path.write_text('{"kind": "scalars"\n' + path.read_text())
+    with pytest.raises(ValueError, match="line 1"):
+        list(eventlog.read_events(path))
+
+
+def _window_traces(win: dict) -> dict:
+    return {t.get("name"): t for t in win["content"]["data"]}
+
+
+def test_dashboard_draws_every_window_with_the_logged_data(visdom_server, dnc_sample, tmp_path):
+    views, inputs, targets, outputs, mask = dnc_sample
+    dash = Dashboard(tmp_path / "run_a", env="dash_every", port=visdom_server.port,
+                     model_dims=MODEL_DIMS, timeout_s=10.0)
+    for step in (10, 20, 30):
+        dash.log_scalars(step, {"loss": 1.0 / step, "ber": 0.5 / step})
+    dash.log_scalars(30, {"eval_ber": 0.01})
+    dash.log_snapshot(30, 0.0333, views, inputs, targets, outputs, mask)
+    stats = dash.close()
+    assert stats["failed"] == 0 and stats["sent"] >= 1
+
+    windows = visdom_server.connection().windows("dash-every")
+    assert set(windows) == expected_windows(MODEL_DIMS)
+    ber = _window_traces(windows["ber"])
+    assert ber["train"]["x"] == [10, 20, 30] and ber["train"]["y"] == [0.05, 0.025, 0.0166667]
+    assert ber["eval"]["x"] == [30] and ber["eval"]["y"] == [0.01]
+    read1 = windows["read-weights-1"]
+    assert "step 30" in read1["title"] and "loss 0.0333" in read1["title"]
+    layout = read1["content"]["layout"]
+    assert layout["xaxis"]["title"] == "time step" and layout["yaxis"]["title"] == "slot"
+    z = np.array(read1["content"]["data"][0]["z"])  # [slot, time]
+    assert np.allclose(z, views["read_weights"][:, N:2 * N].T, atol=5e-5)
+    io = windows["io"]["content"]["data"][0]["z"]
+    assert len(io) == 5 + 4 + 4 + 4 + 3  # input, target, output, errors rows and 3 gaps
+    assert len(list(eventlog.read_events(tmp_path / "run_a" / "visdom.jsonl"))) == 5
+
+
+def test_curves_are_appended_not_redrawn(visdom_server, tmp_path):
+    dash = Dashboard(tmp_path / "run_b", env="dash-append", port=visdom_server.port,
+                     timeout_s=10.0)
+    sent = []
+    post = dash.connection.post
+    dash.connection.post = lambda endpoint, body: sent.append((endpoint, body)) or post(endpoint, body)
+    dash.log_scalars(1, {"loss": 0.9})
+    deadline = time.monotonic() + 20
+    while not sent and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    dash.log_scalars(2, {"loss": 0.8})
+    dash.log_scalars(3, {"loss": 0.7})
+    dash.close()
+    loss_msgs = [(endpoint, body) for endpoint, body in sent if body.get("win") == "loss"]
+    assert loss_msgs[0][0] == "events"  # the first point draws the window, with its titles
+    assert [m[0] for m in loss_msgs[1:]] == ["update"] * (len(loss_msgs) - 1)
+    assert all(m[1]["append"] for m in loss_msgs[1:])
+    trace = _window_traces(visdom_server.connection().windows("dash-append")["loss"])["train"]
+    assert trace["x"] == [1, 2, 3] and trace["y"] == [0.9, 0.8, 0.7]
+
+
+def _stream(dash: Dashboard, rng, events: int = 6) -> None:
+    inputs = rng.integers(0, 2, (7, 5)).astype(float)
+    for step in range(events):
+        dash.log_scalars(step, {"loss": 1.0 / (step + 1), "ber": 0.5})
+        dash.log_snapshot(step, 1.0 / (step + 1), random_views(rng, 7, MODEL_DIMS), inputs,
+                          inputs[:, :4], rng.random((7, 4)), np.ones(7))
+
+
+@pytest.mark.parametrize("server", ["dead", "hung"])
+def test_unreachable_server_warns_once_and_loses_nothing(server, dead_port, hung_port, tmp_path,
+                                                          caplog):
+    port = dead_port if server == "dead" else hung_port
+    timeout_s = 0.5
+    dash = Dashboard(tmp_path / "run_c", env="nowhere", port=port, model_dims=MODEL_DIMS,
+                     timeout_s=timeout_s, queue_size=4)
+    rng = np.random.default_rng(0)
+    with caplog.at_level(logging.WARNING, logger="dnc_lab.viz.dashboard"):
+        start = time.monotonic()
+        _stream(dash, rng)  # never waits for the server: only a log line and a queue slot
+        emitted = time.monotonic() - start
+        stats = dash.close()
+        closed = time.monotonic() - start - emitted
+    # Correctness bounds, generous on purpose (not speed targets): emitting never waits on the
+    # network, and close() gives up within its documented bound.
+    assert emitted < 10 * timeout_s + 5
+    assert closed <= Dashboard.close_timeout(timeout_s) + 2
+    assert stats["sent"] == 0 and stats["failed"] >= 1
+    warnings = [r for r in caplog.records if "Training goes on" in r.getMessage()]
+    assert len(warnings) == 1 and "dnclab server" in warnings[0].getMessage()
+    events = list(eventlog.read_events(tmp_path / "run_c" / "visdom.jsonl"))
+    assert [e["kind"] for e in events] == ["scalars", "snapshot"] * 6
+
+
+def test_a_full_queue_drops_old_snapshots_first(tmp_path, hung_port):
+    # The sender is stuck on a server that never answers; the queue keeps the newest events
+    # and every curve point, dropping the oldest snapshots.
+    dash = Dashboard(tmp_path / "run_d", env="full", port=hung_port, model_dims=MODEL_DIMS,
+                     timeout_s=5.0, queue_size=3)
+    rng = np.random.default_rng(1)
+    dash.log_scalars(0, {"loss": 1.0})
+    time.sleep(0.2)  # the sender takes it and blocks on the hung server
+    _stream(dash, rng, events=3)  # 6 events into 3 slots
+    with dash._cond:
+        kinds = [(e["kind"], e["step"]) for e in dash._queue]
+        dropped = dash._stats["dropped"]
+    assert kinds == [("scalars", 1), ("scalars", 2), ("snapshot", 2)]
+    assert dropped == 3
+    dash.close(timeout=0.1)
