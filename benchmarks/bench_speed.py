@@ -18,8 +18,10 @@ GPU ``torch.cuda.max_memory_allocated`` minus what was allocated before the step
 the bytes autograd saves for backward in one forward pass (unique storages): that figure is
 deterministic and is what grows as B·N²·T.
 
-Implementations are named on the command line (``--impls``): ``pytorch-dnc``, ``dnc_lab``, and
-either with constructor overrides, e.g. ``dnc_lab:fused=True``.
+Implementations are named on the command line (``--impls``): ``pytorch-dnc``, ``dnc_lab``,
+``dnc_lab+fused`` (dnc_lab with its memories stepping through ``dnc_lab.fused``; option
+``checkpoint_every``), each with constructor overrides after a colon, e.g.
+``dnc_lab:checkpoint_steps=8`` or ``dnc_lab+fused:checkpoint_every=4``.
 
 pytorch-dnc 1.1.0 is installed from its wheel (``pip install -e ".[bench]"``). Its wheel
 requires ``flann``, whose pure-Python wheel installs fine but cannot load the native FLANN
@@ -86,6 +88,9 @@ CONFIGS = {
 # Implementations
 
 
+IMPLS = ("pytorch-dnc", "dnc_lab", "dnc_lab+fused")
+
+
 def parse_impl(spec: str) -> tuple[str, dict]:
     """'dnc_lab:fused=True,clip=0' -> ('dnc_lab', {'fused': True, 'clip': 0})."""
     name, _, rest = spec.partition(":")
@@ -98,8 +103,8 @@ def parse_impl(spec: str) -> tuple[str, dict]:
             kwargs[key] = json.loads(value.lower() if value in ("True", "False") else value)
         except json.JSONDecodeError:
             kwargs[key] = value
-    if name not in ("pytorch-dnc", "dnc_lab"):
-        raise SystemExit(f"unknown implementation {name!r}: expected pytorch-dnc or dnc_lab")
+    if name not in IMPLS:
+        raise SystemExit(f"unknown implementation {name!r}: expected one of {', '.join(IMPLS)}")
     return name, kwargs
 
 
@@ -127,8 +132,36 @@ def build_model(spec: str, cfg: Config, device: torch.device) -> torch.nn.Module
 
         if device.type == "cuda":
             kwargs["gpu_id"] = device.index or 0
+        checkpoint_every = overrides.pop("checkpoint_every", 8)
         model = DNC(**kwargs, **overrides)
+        if name == "dnc_lab+fused":
+            use_fused_memory_step(model, checkpoint_every)
     return model.to(device)
+
+
+def use_fused_memory_step(model: torch.nn.Module, checkpoint_every: int) -> None:
+    """Prototype: make this model's memories step with dnc_lab.fused.memory_step.
+
+    Replaces ``forward`` of each ``MemoryAccess`` of this instance only (others in the process are
+    untouched); until dnc_lab offers the fused path itself.
+    """
+    import types
+
+    from dnc_lab import fused
+    from dnc_lab.memory import MemoryAccess, MemoryStep
+
+    def forward(self, controller_output, state):
+        interface = self.interface_from(controller_output)
+        read_vectors, new_state = fused.memory_step(state, interface, checkpoint_every)
+        return MemoryStep(read_vectors, new_state, interface)
+
+    patched = 0
+    for module in model.modules():
+        if isinstance(module, MemoryAccess):
+            module.forward = types.MethodType(forward, module)
+            patched += 1
+    if not patched:
+        raise SystemExit("dnc_lab+fused: found no dnc_lab.memory.MemoryAccess module to patch")
 
 
 def make_batch(cfg: Config, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -208,3 +208,43 @@ class _NoContext:
 
     def set_materialize_grads(self, value):
         pass
+
+
+def memory_step(prev, interface, checkpoint_every: int = 8):
+    """``dnc_lab.memory.memory_step`` with the link matrix and directional weightings fused.
+
+    Same arguments, same results (tests/test_fused.py); a prototype for the lead to adopt or not.
+    """
+    from dnc_lab import addressing
+    from dnc_lab.memory import MemoryState
+
+    num_writes = interface.write_gates.shape[1]
+    usage_vector = addressing.usage(
+        prev["usage_vector"], prev["write_weights"], interface.free_gates, prev["read_weights"]
+    )
+    write_content = addressing.content_weighting(prev["memory"], interface.write_keys, interface.write_strengths)
+    allocation = addressing.write_allocation_weights(
+        usage_vector, interface.allocation_gates * interface.write_gates, num_writes
+    )
+    write_weights = addressing.write_weighting(
+        write_content, allocation, interface.allocation_gates, interface.write_gates
+    )
+    memory = addressing.erase_and_write(
+        prev["memory"], write_weights, interface.erase_vectors, interface.write_vectors
+    )
+    link, forward, backward = link_and_directional_weightings(
+        prev["link_matrix"], prev["precedence"], write_weights, prev["read_weights"], checkpoint_every
+    )
+    precedence = addressing.precedence(prev["precedence"], write_weights)
+    read_content = addressing.content_weighting(memory, interface.read_keys, interface.read_strengths)
+    read_weights = addressing.read_weighting(read_content, forward, backward, interface.read_modes)
+    read_vectors = addressing.read(memory, read_weights)
+    state = MemoryState(
+        memory=memory,
+        link_matrix=link,
+        precedence=precedence,
+        read_weights=read_weights,
+        write_weights=write_weights,
+        usage_vector=usage_vector,
+    )
+    return read_vectors, state
