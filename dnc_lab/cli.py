@@ -1,0 +1,220 @@
+"""The ``dnclab`` command line: thin click commands, each parsing its options and calling one function.
+
+    dnclab train CONFIG [--cuda N] [--set section.key=value]... [--run-id ID] [--dry-run]
+    dnclab resume ID [--cuda N] [--steps N]
+    dnclab runs
+    dnclab eval --run ID [--lengths 1-8,16,32]
+    dnclab viz --run ID / dnclab server        (see dnc_lab.viz)
+
+Errors are one line (exit code 2 for bad input, 1 for a failed run); ``dnclab --debug ...`` shows
+the Python traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import click
+import yaml
+
+from dnc_lab import runs
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
+
+
+class _Group(click.Group):
+    """Turns unexpected exceptions into one readable line unless --debug was given."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            if ctx.params.get("debug"):
+                raise
+            raise click.ClickException(f"{type(e).__name__}: {e}  (run `dnclab --debug ...` for the traceback)")
+
+
+@click.group(cls=_Group, context_settings=CONTEXT)
+@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+def main(debug: bool) -> None:
+    """Train, resume, evaluate and watch Differentiable Neural Computers."""
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--cuda", type=click.IntRange(min=-1), default=-1, help="CUDA device index; -1 for the CPU.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override a config value (repeatable), e.g. --set train.lr=3e-4 --set viz.enabled=false.")
+@click.option("--run-id", metavar="ID", default=None,
+              help="Name of the run folder (letters, digits, '-', '_'); default: next number and the task.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved config and write nothing.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar (default: when stderr is a terminal), otherwise one line per summary.")
+def train(config: Path, cuda: int, overrides: tuple[str, ...], run_id: Optional[str], dry_run: bool,
+          progress: Optional[bool]) -> None:
+    """Train a DNC on the task in CONFIG (a YAML file, see configs/)."""
+    from dnc_lab.config import load_config, save_config
+    from dnc_lab.training import pick_device
+
+    cfg = load_config(config, overrides)
+    device = pick_device(cuda)
+    if run_id is not None:
+        runs.validate_run_id(run_id)
+        if (runs.experiments_root() / run_id).exists():
+            raise runs.RunError(f"run {run_id!r} already exists in {runs.experiments_root()}/; choose another "
+                                f"--run-id, or continue it with `dnclab resume {run_id}`")
+    if dry_run:
+        click.echo(f"# dry run: would train on {device} into {runs.experiments_root()}/{run_id or '<next id>'}/")
+        click.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False), nl=False)
+        return
+    run_dir = runs.create_run_dir(cfg.task.name, run_id)
+    save_config(cfg, run_dir / "config.yaml")
+    runs.write_status(run_dir, status="created", task=cfg.task.name, step=0, steps=cfg.train.steps, cuda=cuda,
+                      source=str(config), overrides=list(overrides))
+    click.echo(f"run {run_dir.name}: {run_dir}/")
+    _run_training(run_dir, cfg, device, resume=False, progress=progress)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("run")
+@click.option("--cuda", type=click.IntRange(min=-1), default=None,
+              help="CUDA device index; -1 for the CPU. Default: the device the run was started with.")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Train until this step instead of train.steps (e.g. to extend a finished run).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+def resume(run: str, cuda: Optional[int], steps: Optional[int], progress: Optional[bool]) -> None:
+    """Continue RUN (an id or a run folder) from its newest checkpoint, exactly where it left off."""
+    from dnc_lab.config import load_config, save_config
+    from dnc_lab.training import pick_device
+
+    run_dir = runs.resolve_run_dir(run)
+    status = runs.read_status(run_dir)
+    if runs.is_alive(status):
+        raise runs.RunError(f"run {run_dir.name!r} is still running (pid {status['pid']}); stop it first")
+    cfg = load_config(run_dir / "config.yaml")
+    checkpoints = runs.list_checkpoints(run_dir)
+    if not checkpoints:
+        raise runs.RunError(f"run {run_dir.name!r} has no checkpoint to resume from; start it again with "
+                            f"`dnclab train`")
+    last_step = checkpoints[-1][0]
+    if steps is not None:
+        if steps <= last_step:
+            raise click.UsageError(f"--steps {steps}: the run's newest checkpoint is at step {last_step}; "
+                                   f"give a larger number")
+        cfg.train.steps = steps
+        save_config(cfg, run_dir / "config.yaml")
+    elif last_step >= cfg.train.steps:
+        raise runs.RunError(f"run {run_dir.name!r} already reached step {last_step} of {cfg.train.steps}; "
+                            f"use --steps N to train it longer")
+    cuda = status.get("cuda", -1) if cuda is None else cuda
+    device = pick_device(cuda)
+    runs.write_status(run_dir, cuda=cuda, steps=cfg.train.steps)
+    _run_training(run_dir, cfg, device, resume=True, progress=progress)
+
+
+def _run_training(run_dir: Path, cfg, device, resume: bool, progress: Optional[bool]) -> None:
+    from dnc_lab.training import TrainingError, train
+
+    try:
+        result = train(run_dir, cfg, device, resume=resume, progress=progress, echo=click.echo)
+    except TrainingError as e:
+        raise click.ClickException(str(e)) from None
+    last = result.last or {}
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    summary = f"loss {fmt(last.get('loss'))}, BER {fmt(last.get('ber'))}" if last else "no summary yet"
+    click.echo(f"{run_dir.name}: {result.message} ({summary})")
+    if result.eval:
+        click.echo("BER per length: " + ", ".join(f"{r['length']}: {r['ber']:.4f}" for r in result.eval))
+    if result.status in ("interrupted", "max_seconds"):
+        click.echo(f"checkpoint saved at step {result.step}; continue with `dnclab resume {run_dir.name}`")
+    if result.signal is not None:
+        sys.exit(128 + result.signal)
+
+
+@main.command("runs", context_settings=CONTEXT)
+def runs_command() -> None:
+    """List the runs in the experiments folder ($DNCLAB_EXPERIMENTS, default experiments/)."""
+    folders = runs.list_runs()
+    if not folders:
+        click.echo(f"no runs in {runs.experiments_root()}/")
+        return
+    header = ("ID", "TASK", "STEP", "STATUS", "LOSS", "BER", "EVAL BER", "UPDATED")
+    rows = []
+    for folder in folders:
+        s = runs.read_status(folder)
+        status = s.get("status", "?")
+        if status == "running" and not runs.is_alive(s):
+            status = "dead" if s.get("host") == _hostname() else "running?"
+        last = s.get("last") or {}
+        fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+        rows.append((folder.name, s.get("task", "?"), f"{s.get('step', 0)}/{s.get('steps', '?')}", status,
+                     fmt(last.get("loss")), fmt(last.get("ber")), fmt(s.get("eval_ber")), s.get("updated", "-")))
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        click.echo("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+@main.command("eval", context_settings=CONTEXT)
+@click.option("--run", "run", required=True, metavar="ID", help="Run id or run folder.")
+@click.option("--lengths", default=None, metavar="LIST",
+              help="Lengths to test, e.g. 1-8,16,32. Default: the trained lengths and twice the longest.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=200, help="Sequences per length.")
+@click.option("--seed", type=click.IntRange(min=0), default=1234, help="Seed of the test sequences.")
+@click.option("--checkpoint", default=None, metavar="STEP", help="Checkpoint step (default: the newest).")
+@click.option("--cuda", type=click.IntRange(min=-1), default=-1, help="CUDA device index; -1 for the CPU.")
+def eval_command(run: str, lengths: Optional[str], batch_size: int, seed: int, checkpoint: Optional[str],
+                 cuda: int) -> None:
+    """Bit error rate per sequence length: how a run generalises beyond its training lengths."""
+    from dnc_lab.config import load_config
+    from dnc_lab.tasks import make_task
+    from dnc_lab.training import evaluate, parse_lengths, pick_device
+
+    run_dir = runs.resolve_run_dir(run)
+    cfg = load_config(run_dir / "config.yaml")
+    if lengths is None:
+        lengths = f"{cfg.task.min_length}-{cfg.task.max_length},{2 * cfg.task.max_length}"
+    try:
+        wanted = parse_lengths(lengths)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--lengths") from None
+    device = pick_device(cuda)
+    model, _ = runs.load_run(run_dir, checkpoint=checkpoint, device=device)
+    step = (runs.list_checkpoints(run_dir)[-1][0] if checkpoint is None else int(checkpoint)) \
+        if str(checkpoint or "0").isdigit() else None
+    rows = evaluate(model, make_task(cfg.task, device), wanted, batch_size, seed, device)
+    trained = range(cfg.task.min_length, cfg.task.max_length + 1)
+    click.echo(f"{run_dir.name} at step {step}: {batch_size} sequences per length, seed {seed}")
+    click.echo(f"{'LENGTH':>6}  {'BER':>8}  {'LOSS':>8}")
+    for r in rows:
+        note = "" if r["length"] in trained else "  (longer than trained)" if r["length"] > cfg.task.max_length \
+            else "  (shorter than trained)"
+        click.echo(f"{r['length']:>6}  {r['ber']:>8.4f}  {r['loss']:>8.4f}{note}")
+    record = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "step": step, "seed": seed, "batch_size": batch_size,
+              "rows": rows}
+    with open(run_dir / "eval.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+try:  # the viz helper's commands; optional until dnc_lab/viz/commands.py lands
+    from dnc_lab.viz.commands import server, viz
+except ImportError:  # pragma: no cover
+    server = viz = None
+if viz is not None:
+    main.add_command(viz)
+    main.add_command(server)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""Tasks: each generates (inputs, targets, mask) batches on the training device.
+
+``TASKS`` maps a config's ``task.name`` to the task class; each class has a ``Config`` dataclass
+(its config keys), ``input_size``, ``output_size`` and ``sample(batch_size, generator, ...)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dnc_lab.tasks.base import Batch, Curriculum, TaskConfig
+from dnc_lab.tasks.copy import CopyTask
+from dnc_lab.tasks.repeat_copy import RepeatCopyTask
+
+TASKS = {"copy": CopyTask, "repeat_copy": RepeatCopyTask}
+
+
+def make_task(cfg: TaskConfig, device: torch.device | str = "cpu"):
+    """The task named by ``cfg.name``, generating on ``device``."""
+    return TASKS[cfg.name](cfg, device)
+
+
+__all__ = ["TASKS", "Batch", "Curriculum", "TaskConfig", "make_task", "CopyTask", "RepeatCopyTask"]
