@@ -153,3 +153,26 @@ def test_a_full_queue_drops_old_snapshots_first(tmp_path, hung_port):
     assert kinds == [("scalars", 1), ("scalars", 2), ("snapshot", 2)]
     assert dropped == 3
     dash.close(timeout=0.1)
+
+
+def test_a_resumed_run_continues_its_curves(visdom_server, tmp_path):
+    # First life of the run: steps 1-4. Resumed from a checkpoint at step 2, it redoes 3 and 4
+    # (with other values) and goes on: the curve must read 1, 2, 3', 4', 5 live and on replay.
+    from dnc_lab.viz.replay import replay
+
+    run_dir = tmp_path / "run_e"
+    first = Dashboard(run_dir, env="resumed", port=visdom_server.port, enabled=False)
+    for step in (1, 2, 3, 4):
+        first.log_scalars(step, {"loss": 1.0 - step / 10})
+    first.close()
+    second = Dashboard(run_dir, env="resumed", port=visdom_server.port, timeout_s=10.0)
+    for step in (3, 4, 5):
+        second.log_scalars(step, {"loss": 0.5 - step / 100})
+    assert second.close()["failed"] == 0
+    connection = visdom_server.connection()
+    expected = ([1, 2, 3, 4, 5], [0.9, 0.8, 0.47, 0.46, 0.45])
+    live = _window_traces(connection.windows("resumed")["loss"])["train"]
+    assert (live["x"], live["y"]) == expected
+    replay(run_dir, env="resumed-replay", port=visdom_server.port)
+    again = _window_traces(connection.windows("resumed-replay")["loss"])["train"]
+    assert (again["x"], again["y"]) == expected

@@ -60,10 +60,17 @@ class CurveBook:
     def add(self, event: dict) -> None:
         from dnc_lab.viz.figures import curve_of
 
+        step = event["step"]
         for name, value in event["values"].items():
             win, trace = curve_of(name)
             steps, values = self.points.setdefault(win, {}).setdefault(trace, ([], []))
-            steps.append(event["step"])
+            if steps and steps[-1] >= step:
+                # Steps going back: a resumed run redoes them from its checkpoint. Keep the
+                # curve as the run now has it (like metrics.jsonl) and redraw the window whole.
+                keep = next(i for i, s in enumerate(steps) if s >= step)
+                del steps[keep:], values[keep:]
+                self.drawn.discard(win)
+            steps.append(step)
             values.append(value)
 
     def messages(self, env: str) -> tuple[list, list]:
@@ -109,7 +116,10 @@ class Dashboard:
         self.env = env_name(env)
         self.model_dims = dict(model_dims or {})
         self.timeout_s = float(timeout_s)
-        self.log = eventlog.EventLog(self.run_dir / eventlog.LOG_NAME)
+        log_path = self.run_dir / eventlog.LOG_NAME
+        # A resumed run already has a log: its curves are drawn again, continued, on first send.
+        self._earlier_log_bytes = log_path.stat().st_size if log_path.is_file() else 0
+        self.log = eventlog.EventLog(log_path)
         self.port = int(port)
         self.connection = VisdomConnection(server, port, timeout_s=timeout_s)
         self.enabled = bool(enabled)
@@ -209,6 +219,9 @@ class Dashboard:
         pending_scalars = 0  # scalar events whose points the server does not have yet
         down_since = None    # monotonic time of the last failure; None while the server answers
         connected = False    # the env was opened on the server and nothing failed since
+        for event in self._earlier_events():
+            if event["kind"] == "scalars":
+                curves.add(event)
         while True:
             with self._cond:
                 while not self._queue and not self._closing:
@@ -260,6 +273,18 @@ class Dashboard:
                     self._stats["dropped"] += pending_scalars + len(self._queue)
                     self._queue.clear()
                     return
+
+    def _earlier_events(self) -> list[dict]:
+        """Events logged before this Dashboard started (a resumed run), [] if unreadable."""
+        if not self._earlier_log_bytes:
+            return []
+        try:
+            with open(self.log.path, "rb") as f:
+                text = f.read(self._earlier_log_bytes).decode("utf-8", errors="replace")
+            return [e for e in eventlog.parse_events(text, self.log.path)]
+        except (OSError, ValueError) as exc:
+            logger.warning("Visdom dashboard: earlier curves not shown (%s)", exc)
+            return []
 
     def _deliver(self, curves: CurveBook, snapshot: dict | None, first: bool) -> None:
         """Post pending curve points and the snapshot's figures; raise VisdomUnavailable on the

@@ -30,7 +30,7 @@ import math
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -119,12 +119,16 @@ class EventLog:
             self._file.close()
 
 
-def read_events(path: Path) -> Iterator[dict]:
+def read_events(path: Path) -> list[dict]:
     """Events of a log in order. A last line cut short (a run still writing) is skipped; a bad
     line elsewhere raises ValueError naming the file and line."""
-    path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
+    return parse_events(Path(path).read_text(encoding="utf-8"), path)
+
+
+def parse_events(text: str, path: Path | str = "<events>") -> list[dict]:
+    """Events from the text of a log (see read_events)."""
+    lines = text.splitlines(keepends=True)
+    events = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -132,8 +136,9 @@ def read_events(path: Path) -> Iterator[dict]:
             event = json.loads(line)
         except json.JSONDecodeError as exc:
             if number == len(lines) and not line.endswith("\n"):
-                return  # being written right now
+                break  # being written right now
             raise ValueError(f"{path}, line {number}: not a JSON event ({exc.msg})") from exc
         if not isinstance(event, dict) or event.get("kind") not in ("scalars", "snapshot"):
             raise ValueError(f"{path}, line {number}: expected a scalars or snapshot event")
-        yield event
+        events.append(event)
+    return events
