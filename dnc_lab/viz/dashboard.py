@@ -130,6 +130,7 @@ class Dashboard:
         self._deadline = float("inf")  # monotonic time after which the sender gives up
         self._stats = {"sent": 0, "dropped": 0, "failed": 0}
         self._warned = False
+        self._snapshot_warned = False
         self._closed = False
         self._thread = None
         if self.enabled:
@@ -150,8 +151,18 @@ class Dashboard:
         if not self.model_dims:
             raise ValueError("Dashboard needs model_dims (nr_cells, cell_size, read_heads, "
                              "num_writes) to log memory snapshots")
-        self._emit(eventlog.snapshot_event(step, loss, views, self.model_dims,
-                                           inputs, targets, outputs, mask))
+        try:
+            event = eventlog.snapshot_event(step, loss, views, self.model_dims,
+                                            inputs, targets, outputs, mask)
+        except (KeyError, ValueError, TypeError) as exc:
+            # Views that do not fit model_dims: a bug to report, not a reason to stop training.
+            if not self._snapshot_warned:
+                self._snapshot_warned = True
+                logger.warning("Visdom dashboard: memory snapshot of step %s not recorded "
+                               "(%s: %s); further failures are not reported", step,
+                               type(exc).__name__, exc)
+            return
+        self._emit(event)
 
     def _emit(self, event: dict) -> None:
         if self._closed:

@@ -30,7 +30,7 @@ import math
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -122,23 +122,31 @@ class EventLog:
 def read_events(path: Path) -> list[dict]:
     """Events of a log in order. A last line cut short (a run still writing) is skipped; a bad
     line elsewhere raises ValueError naming the file and line."""
-    return parse_events(Path(path).read_text(encoding="utf-8"), path)
+    with open(path, encoding="utf-8") as f:
+        return list(iter_events(f, path))
 
 
 def parse_events(text: str, path: Path | str = "<events>") -> list[dict]:
     """Events from the text of a log (see read_events)."""
-    lines = text.splitlines(keepends=True)
-    events = []
+    return list(iter_events(text.splitlines(keepends=True), path))
+
+
+def iter_events(lines: Iterable[str], path: Path | str = "<events>") -> Iterator[dict]:
+    """Events one at a time from the lines of a log (see read_events): a long log is never
+    held in memory whole."""
+    pending = None  # a line that did not parse: an error unless it turns out to be the last
     for number, line in enumerate(lines, start=1):
+        if pending is not None:
+            raise pending
         if not line.strip():
             continue
         try:
             event = json.loads(line)
         except json.JSONDecodeError as exc:
-            if number == len(lines) and not line.endswith("\n"):
-                break  # being written right now
-            raise ValueError(f"{path}, line {number}: not a JSON event ({exc.msg})") from exc
+            pending = ValueError(f"{path}, line {number}: not a JSON event ({exc.msg})")
+            if not line.endswith("\n"):
+                continue  # maybe the line the run is writing right now
+            raise pending from exc
         if not isinstance(event, dict) or event.get("kind") not in ("scalars", "snapshot"):
             raise ValueError(f"{path}, line {number}: expected a scalars or snapshot event")
-        events.append(event)
-    return events
+        yield event

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import yaml
 
@@ -47,12 +48,14 @@ def default_env(run_dir: Path) -> str:
     return env_name(run_viz_settings(run_dir).get("env") or Path(run_dir).name)
 
 
-def replay_messages(env: str, events: list[dict], step: int | None = None
-                    ) -> tuple[list, int | None]:
-    """(messages that draw every window of the run into env, step of the snapshot shown)."""
+def replay_messages(env: str, events: Iterable[dict], step: int | None = None
+                    ) -> tuple[list, int | None, int]:
+    """(messages that draw every window of the run into env, step of the snapshot shown,
+    number of events). Holds one snapshot at a time, however long the log."""
     curves = CurveBook()
     snapshot = None
-    for event in events:
+    count = 0
+    for count, event in enumerate(events, start=1):
         if event["kind"] == "scalars":
             curves.add(event)
         elif step is None or event["step"] <= step:
@@ -60,7 +63,7 @@ def replay_messages(env: str, events: list[dict], step: int | None = None
     messages, _ = curves.messages(env)  # a fresh book: every window drawn in full
     if snapshot is not None:
         messages += snapshot_figures(env, snapshot)
-    return messages, None if snapshot is None else snapshot["step"]
+    return messages, None if snapshot is None else snapshot["step"], count
 
 
 def replay(run_dir: Path, env: str | None = None, server: str = "http://localhost",
@@ -72,14 +75,15 @@ def replay(run_dir: Path, env: str | None = None, server: str = "http://localhos
     if not log_path.is_file():
         raise ReplayError(f"run {run_dir.name} has no dashboard events ({log_path} is missing): "
                           "it was made before dashboards existed, or has not summarized yet")
+    env = env_name(env) if env else default_env(run_dir)
     try:
-        events = list(eventlog.read_events(log_path))
+        with open(log_path, encoding="utf-8") as lines:
+            messages, shown, count = replay_messages(
+                env, eventlog.iter_events(lines, log_path), step)
     except ValueError as exc:
         raise ReplayError(str(exc)) from exc
-    if not events:
+    if not count:
         raise ReplayError(f"{log_path} holds no events yet")
-    env = env_name(env) if env else default_env(run_dir)
-    messages, shown = replay_messages(env, events, step)
     connection = VisdomConnection(server, port, timeout_s=timeout_s)
     try:
         connection.open_env(env)
@@ -88,4 +92,4 @@ def replay(run_dir: Path, env: str | None = None, server: str = "http://localhos
     finally:
         connection.close()
     windows = list(dict.fromkeys(body["win"] for _, body in messages))
-    return ReplayResult(connection.url, env, windows, len(events), shown)
+    return ReplayResult(connection.url, env, windows, count, shown)
