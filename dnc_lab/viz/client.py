@@ -50,16 +50,18 @@ class VisdomConnection:
 
     def _request(self, path: str, **kwargs) -> requests.Response:
         if self._session is None:
-            self._session = requests.Session()
+            session = requests.Session()
             if self.username and self.password:
                 digest = hashlib.sha256(self.password.encode("utf-8")).hexdigest()
-                self._post(self.url + "/", json={"username": self.username, "password": digest},
-                           what="login (VISDOM_USERNAME / VISDOM_PASSWORD)")
-        return self._post(f"{self.url}/{path}", **kwargs)
+                self._post(session, self.url + "/", what="login (VISDOM_USERNAME / "
+                           "VISDOM_PASSWORD)", json={"username": self.username, "password": digest})
+            self._session = session  # logged in (when needed): keep it
+        return self._post(self._session, f"{self.url}/{path}", **kwargs)
 
-    def _post(self, url: str, what: str | None = None, **kwargs) -> requests.Response:
+    def _post(self, session: requests.Session, url: str, what: str | None = None,
+              **kwargs) -> requests.Response:
         try:
-            response = self._session.post(url, timeout=self.timeout_s, **kwargs)
+            response = session.post(url, timeout=self.timeout_s, **kwargs)
         except requests.Timeout as exc:
             raise VisdomUnavailable(f"no answer within {self.timeout_s:g} s") from exc
         except requests.ConnectionError as exc:

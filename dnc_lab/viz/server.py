@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import errno
 import ipaddress
+import os
 import sys
 from unittest import mock
 
@@ -79,6 +80,12 @@ def serve(port: int = 8097, host: str = "127.0.0.1", env_path: str | None = None
 
     import visdom.server.app as visdom_app
     import visdom.server.run_server as run_server
+    from visdom.server.defaults import DEFAULT_ENV_PATH
+
+    if enable_login:
+        # visdom keeps the login cookie secret in its default env folder whatever -env_path
+        # says, and fails when that folder does not exist yet.
+        os.makedirs(os.path.expanduser(DEFAULT_ENV_PATH), exist_ok=True)
 
     class BoundApplication(run_server.Application):
         """Visdom's app, listening on exactly `host` whatever visdom itself would choose."""
