@@ -22,6 +22,7 @@ import click
 import yaml
 
 from dnc_lab import runs
+from dnc_lab.viz.commands import server, viz
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
 
@@ -191,8 +192,9 @@ def eval_command(run: str, lengths: Optional[str], batch_size: int, seed: int, c
         raise click.BadParameter(str(e), param_hint="--lengths") from None
     device = pick_device(cuda)
     model, _ = runs.load_run(run_dir, checkpoint=checkpoint, device=device)
-    step = (runs.list_checkpoints(run_dir)[-1][0] if checkpoint is None else int(checkpoint)) \
-        if str(checkpoint or "0").isdigit() else None
+    path = runs.checkpoint_path(run_dir, checkpoint) if checkpoint else runs.list_checkpoints(run_dir)[-1][1]
+    match = runs.CHECKPOINT_RE.match(path.name)
+    step = int(match.group(1)) if match else path.name
     rows = evaluate(model, make_task(cfg.task, device), wanted, batch_size, seed, device)
     trained = range(cfg.task.min_length, cfg.task.max_length + 1)
     click.echo(f"{run_dir.name} at step {step}: {batch_size} sequences per length, seed {seed}")
@@ -207,13 +209,8 @@ def eval_command(run: str, lengths: Optional[str], batch_size: int, seed: int, c
         f.write(json.dumps(record) + "\n")
 
 
-try:  # the viz helper's commands; optional until dnc_lab/viz/commands.py lands
-    from dnc_lab.viz.commands import server, viz
-except ImportError:  # pragma: no cover
-    server = viz = None
-if viz is not None:
-    main.add_command(viz)
-    main.add_command(server)
+main.add_command(viz)
+main.add_command(server)
 
 
 if __name__ == "__main__":

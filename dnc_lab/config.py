@@ -98,6 +98,8 @@ class TrainConfig:
                                            "(at full curriculum length)", min=0.0, max=1.0)
     max_seconds: Optional[float] = _f(None, "stop (with a checkpoint) after this much training time", gt=0.0)
     eval_batch_size: int = _f(200, "sequences per length for the final evaluation", min=1)
+    threads: Optional[int] = _f(None, "CPU threads for torch (torch.set_num_threads); default: torch's. "
+                                      "1 is often fastest for small models on a shared machine", min=1)
 
 
 @dataclass

@@ -210,6 +210,18 @@ def load_checkpoint(run_dir: Path, path: Optional[Path] = None, map_location: An
     raise RunError(f"no readable checkpoint in {run_dir / 'checkpoints'}: {'; '.join(errors)}")
 
 
+def checkpoint_path(run_dir: Path, checkpoint: str | int | Path) -> Path:
+    """A checkpoint given as a step number or a file path; RunError if it does not exist."""
+    if str(checkpoint).isdigit():
+        path = run_dir / "checkpoints" / f"step-{int(checkpoint):08d}.pt"
+    else:
+        path = Path(checkpoint)
+    if not path.is_file():
+        steps = [s for s, _ in list_checkpoints(run_dir)]
+        raise RunError(f"checkpoint {str(checkpoint)!r} not found in run {run_dir.name!r}; steps there: {steps}")
+    return path
+
+
 def capture_rng(task_generator: torch.Generator) -> dict:
     """Every RNG's state as tensors and plain values (loadable with weights_only=True)."""
     version, internal, gauss = random.getstate()
@@ -249,14 +261,7 @@ def load_run(path_or_id: str | Path, checkpoint: Optional[str | Path] = None,
 
     run_dir = resolve_run_dir(str(path_or_id))
     cfg = load_config(run_dir / "config.yaml")
-    path = None
-    if checkpoint is not None:
-        path = Path(checkpoint)
-        if str(checkpoint).isdigit():
-            path = run_dir / "checkpoints" / f"step-{int(checkpoint):08d}.pt"
-        if not path.is_file():
-            steps = [s for s, _ in list_checkpoints(run_dir)]
-            raise RunError(f"checkpoint {str(checkpoint)!r} not found in run {run_dir.name!r}; steps there: {steps}")
+    path = None if checkpoint is None else checkpoint_path(run_dir, checkpoint)
     state = load_checkpoint(run_dir, path, map_location=device)
     model = DNC(**cfg.model_kwargs(), device=device)
     model.load_state_dict(state["model"])

@@ -32,11 +32,7 @@ from dnc_lab import runs
 from dnc_lab.config import Config, TrainConfig
 from dnc_lab.dnc import DNC
 from dnc_lab.tasks import Curriculum, make_task
-
-try:  # the viz helper's module; optional until it lands
-    from dnc_lab.viz.dashboard import Dashboard
-except ImportError:  # pragma: no cover
-    Dashboard = None
+from dnc_lab.viz.dashboard import Dashboard
 
 CHECKPOINT_VERSION = 1
 
@@ -300,6 +296,8 @@ def train(run_dir: Path, cfg: Config, device: torch.device, resume: bool = False
     Returns how the run ended; raises TrainingError when it had to stop (status 'failed').
     """
     tc = cfg.train
+    if tc.threads is not None:
+        torch.set_num_threads(tc.threads)
     seed_everything(tc.seed)
     model = build_model(cfg, device)
     model.train()
@@ -339,7 +337,7 @@ def train(run_dir: Path, cfg: Config, device: torch.device, resume: bool = False
 
     env = cfg.viz.env or run_dir.name.replace("_", "-")
     dash = None
-    if cfg.viz.enabled and Dashboard is not None:
+    if cfg.viz.enabled:
         dash = Dashboard(run_dir, env=env, server=cfg.viz.server, port=cfg.viz.port, enabled=True,
                          queue_size=cfg.viz.queue_size, timeout_s=cfg.viz.timeout_s,
                          model_dims={"nr_cells": cfg.model.nr_cells, "cell_size": cfg.model.cell_size,

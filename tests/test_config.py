@@ -81,3 +81,15 @@ def test_file_errors(tmp_path):
     unsafe.write_text("task: !!python/object/apply:os.system ['true']\n")
     with pytest.raises(ConfigError, match="malformed YAML"):  # safe_load refuses Python tags
         load_config(unsafe)
+
+
+def test_model_section_matches_the_dnc_constructor():
+    import dataclasses
+    import inspect
+
+    from dnc_lab import DNC
+    from dnc_lab.config import MODEL_KEYS_SET_BY_RUNNER, ModelConfig
+
+    keywords = set(inspect.signature(DNC.__init__).parameters) - {"self"}
+    schema = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert schema | set(MODEL_KEYS_SET_BY_RUNNER) == keywords

@@ -227,3 +227,25 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert step == status["step"] > 0
     state = torch.load(path, weights_only=True)
     assert state["step"] == step and set(state["rng"]) == {"torch", "cuda", "python", "numpy", "task"}
+
+
+def test_dashboard_logs_every_summary_and_does_not_change_training(tmp_path, dead_port):
+    """With Visdom enabled but no server, the run streams into its event log, and its numbers
+    are exactly those of the same run without Visdom (the trace for the dashboard takes no RNG)."""
+    quiet = lambda *a: None  # noqa: E731
+    raw = tiny(steps=6)
+    run_off, cfg_off = new_run(tmp_path, raw, "off")
+    training.train(run_off, cfg_off, torch.device("cpu"), progress=False, echo=quiet)
+    raw["viz"] = {"enabled": True, "server": "http://127.0.0.1", "port": dead_port, "timeout_s": 0.5}
+    run_on, cfg_on = new_run(tmp_path, raw, "on")
+    training.train(run_on, cfg_on, torch.device("cpu"), progress=False, echo=quiet)
+
+    events = [json.loads(line) for line in (run_on / "visdom.jsonl").read_text().splitlines()]
+    scalars = [e for e in events if e["kind"] == "scalars"]
+    snapshots = [e for e in events if e["kind"] == "snapshot"]
+    assert [e["step"] for e in snapshots] == [2, 4, 6]
+    assert [(e["step"], sorted(e["values"])) for e in scalars] == [
+        (2, ["ber", "loss"]), (4, ["ber", "loss"]), (6, ["ber", "loss"]), (6, ["eval_ber"])]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("time", "steps_per_s")} for r in rows]  # noqa
+    assert strip(runs.read_metrics(run_on)) == strip(runs.read_metrics(run_off))
+    assert not (run_off / "visdom.jsonl").exists()
