@@ -1,7 +1,6 @@
 """Visdom's assets from npm tarballs: URL mapping, install (offline once cached), server start."""
 
 import sys
-from pathlib import Path
 
 import pytest
 import visdom

@@ -32,6 +32,7 @@ import numpy as np
 
 from dnc_lab.viz import eventlog
 from dnc_lab.viz.client import VisdomConnection, VisdomUnavailable
+from dnc_lab.viz.figures import curve_append, curve_draw, curve_of, snapshot_figures
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +59,6 @@ class CurveBook:
         self.drawn: set[str] = set()
 
     def add(self, event: dict) -> None:
-        from dnc_lab.viz.figures import curve_of
-
         step = event["step"]
         for name, value in event["values"].items():
             win, trace = curve_of(name)
@@ -75,8 +74,6 @@ class CurveBook:
 
     def messages(self, env: str) -> tuple[list, list]:
         """(messages bringing the server up to date, marks to pass to `sent` once they are)."""
-        from dnc_lab.viz.figures import curve_append, curve_draw
-
         messages, marks = [], []
         for win, traces in self.points.items():
             counts = {t: len(traces[t][0]) for t in traces}
@@ -300,8 +297,6 @@ class Dashboard:
     def _deliver(self, curves: CurveBook, snapshot: dict | None, first: bool) -> None:
         """Post pending curve points and the snapshot's figures; raise VisdomUnavailable on the
         first failure (or once close()'s deadline has passed)."""
-        from dnc_lab.viz.figures import snapshot_figures
-
         if first:
             self.connection.open_env(self.env)
         messages, marks = curves.messages(self.env)

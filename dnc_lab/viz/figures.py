@@ -212,7 +212,3 @@ def _io_figure(vis, event: dict, tag: str) -> Message:
                    colormap="Viridis", xmin=0.0, xmax=1.0, width=560, height=360)
     return _msg(vis.heatmap(np.concatenate(rows, axis=0), win="io", opts=opts))
 
-
-def snapshot_windows(event: dict) -> list[str]:
-    """Names of the windows `snapshot_figures` draws for this event."""
-    return [body["win"] for _, body in snapshot_figures("names", event)]
