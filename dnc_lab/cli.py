@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 import click
+import torch
 import yaml
 
 from dnc_lab import runs
@@ -60,11 +61,15 @@ def main(debug: bool) -> None:
 def train(config: Path, cuda: int, overrides: tuple[str, ...], run_id: Optional[str], dry_run: bool,
           progress: Optional[bool]) -> None:
     """Train a DNC on the task in CONFIG (a YAML file, see configs/)."""
-    from dnc_lab.config import load_config, save_config
-    from dnc_lab.training import pick_device
+    from dnc_lab.config import ConfigError, load_config, save_config
+    from dnc_lab.training import build_model, pick_device
 
     cfg = load_config(config, overrides)
     device = pick_device(cuda)
+    try:  # the DNC's own checks, before any folder is made
+        build_model(cfg, torch.device("cpu"))
+    except ValueError as e:
+        raise ConfigError(f"{config}: model: {e}") from None
     if run_id is not None:
         runs.validate_run_id(run_id)
         if (runs.experiments_root() / run_id).exists():
@@ -126,6 +131,9 @@ def _run_training(run_dir: Path, cfg, device, resume: bool, progress: Optional[b
         result = train(run_dir, cfg, device, resume=resume, progress=progress, echo=click.echo)
     except TrainingError as e:
         raise click.ClickException(str(e)) from None
+    except Exception as e:
+        runs.write_status(run_dir, status="failed", message=f"{type(e).__name__}: {e}")
+        raise
     last = result.last or {}
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     summary = f"loss {fmt(last.get('loss'))}, BER {fmt(last.get('ber'))}" if last else "no summary yet"

@@ -236,16 +236,21 @@ def capture_rng(task_generator: torch.Generator) -> dict:
     }
 
 
-def restore_rng(state: dict, task_generator: torch.Generator) -> None:
+def restore_rng(state: dict, task_generator: torch.Generator) -> bool:
+    """Restore every RNG; False if the task generator's state is from another kind of device."""
     torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
     py = state["python"]
     random.setstate((py["version"], tuple(py["internal"].tolist()), py["gauss"]))
     npy = state["numpy"]
     np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
                          npy["cached"]))
-    task_generator.set_state(state["task"])
+    try:
+        task_generator.set_state(state["task"])
+    except RuntimeError:  # a CPU generator's state given to a CUDA one, or the reverse
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------

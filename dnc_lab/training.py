@@ -317,7 +317,10 @@ def train(run_dir: Path, cfg: Config, device: torch.device, resume: bool = False
         for k in ACC_KEYS:
             acc[k].copy_(state["accumulator"][k])
         step, elapsed, skipped_total = state["step"], state["elapsed"], state["skipped_total"]
-        runs.restore_rng(state["rng"], generator)
+        if not runs.restore_rng(state["rng"], generator):
+            generator.manual_seed(tc.seed + 1_000_003 + step)
+            echo("warning: resumed on another kind of device; the data stream continues from a new seed, "
+                 "so the run will not match an uninterrupted one exactly")
         runs.truncate_metrics(run_dir, step)
         echo(f"resuming {run_dir.name} at step {step} of {tc.steps}")
 
@@ -325,7 +328,7 @@ def train(run_dir: Path, cfg: Config, device: torch.device, resume: bool = False
         with torch.no_grad():
             finite = all(torch.isfinite(p).all() for p in model.parameters())
         if not finite:  # cannot happen with the guard; never write a broken model anyway
-            echo(f"warning: model not finite at step {step}; checkpoint not written")
+            echo(f"warning: model not finite at step {step}; checkpoint not written")  # pragma: no cover
             return None
         payload = {
             "version": CHECKPOINT_VERSION, "step": step, "elapsed": elapsed, "skipped_total": skipped_total,
@@ -349,6 +352,7 @@ def train(run_dir: Path, cfg: Config, device: torch.device, resume: bool = False
     show_bar = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=tc.steps, initial=step, desc=run_dir.name, unit="step", dynamic_ncols=True,
                disable=not show_bar, file=sys.stderr)
+    say = (lambda text: bar.write(text, file=sys.stderr)) if show_bar else echo  # keeps the bar intact
     last: Optional[dict] = None
     result: Optional[TrainResult] = None
     started = time.monotonic() - elapsed
@@ -408,7 +412,7 @@ def train(run_dir: Path, cfg: Config, device: torch.device, resume: bool = False
                             f"Try a lower train.lr or a smaller train.clip")
                     full_length = curriculum.done
                     if last["ber"] is not None and curriculum.update(last["ber"]):
-                        echo(f"curriculum: sequences up to length {curriculum.max_length} from step {step + 1}")
+                        say(f"curriculum: sequences up to length {curriculum.max_length} from step {step + 1}")
                     if tc.target_ber is not None and full_length and last["ber"] is not None \
                             and last["ber"] <= tc.target_ber:
                         result = TrainResult("reached_target", step,
