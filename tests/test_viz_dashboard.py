@@ -2,14 +2,17 @@
 
 import json
 import logging
+import sys
 import time
 
 import numpy as np
 import pytest
 
 from dnc_lab.viz import eventlog
+from dnc_lab.viz.client import VisdomConnection
 from dnc_lab.viz.dashboard import Dashboard, env_name
-from viz_fixtures import MODEL_DIMS, expected_windows, random_views
+from dnc_lab.viz.replay import replay
+from viz_fixtures import MODEL_DIMS, expected_windows, free_port, random_views, start_visdom, stop
 
 N, W, R = MODEL_DIMS["nr_cells"], MODEL_DIMS["cell_size"], MODEL_DIMS["read_heads"]
 
@@ -158,8 +161,6 @@ def test_a_full_queue_drops_old_snapshots_first(tmp_path, hung_port):
 def test_a_resumed_run_continues_its_curves(visdom_server, tmp_path):
     # First life of the run: steps 1-4. Resumed from a checkpoint at step 2, it redoes 3 and 4
     # (with other values) and goes on: the curve must read 1, 2, 3', 4', 5 live and on replay.
-    from dnc_lab.viz.replay import replay
-
     run_dir = tmp_path / "run_e"
     first = Dashboard(run_dir, env="resumed", port=visdom_server.port, enabled=False)
     for step in (1, 2, 3, 4):
@@ -176,3 +177,25 @@ def test_a_resumed_run_continues_its_curves(visdom_server, tmp_path):
     replay(run_dir, env="resumed-replay", port=visdom_server.port)
     again = _window_traces(connection.windows("resumed-replay")["loss"])["train"]
     assert (again["x"], again["y"]) == expected
+
+
+def test_a_server_started_mid_run_gets_the_whole_curves(tmp_path, visdom_assets):
+    port = free_port()
+    dash = Dashboard(tmp_path / "run_f", env="late", port=port, timeout_s=5.0)
+    dash.retry_s = 0.2  # try again soon (the default waits 10 s between tries)
+    dash.log_scalars(1, {"loss": 0.9})  # nobody listens yet: fails, the point is kept
+    deadline = time.monotonic() + 20
+    while dash.stats["failed"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert dash.stats["failed"] == 1
+    process = start_visdom([sys.executable, "-m", "dnc_lab.viz.server", "--port", str(port),
+                            "--env-path", str(tmp_path / "envs")], port, tmp_path / "server.log")
+    try:
+        time.sleep(0.3)
+        dash.log_scalars(2, {"loss": 0.8})
+        assert dash.close()["sent"] == 2
+        windows = VisdomConnection(port=port, timeout_s=10).windows("late")
+        trace = _window_traces(windows["loss"])["train"]
+        assert trace["x"] == [1, 2] and trace["y"] == [0.9, 0.8]
+    finally:
+        stop(process)
