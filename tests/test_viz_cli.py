@@ -90,3 +90,14 @@ def test_server_on_a_busy_port_is_a_clear_error(visdom_server, tmp_path):
                       "--env-path", str(tmp_path / "envs")])
     assert result.exit_code == 1
     assert f"port {visdom_server.port}" in result.output and "already in use" in result.output
+
+
+def test_replay_of_an_earlier_snapshot_and_of_a_run_without_events(streamed_run, visdom_server,
+                                                                    tmp_path):
+    from dnc_lab.viz.replay import ReplayError, replay
+
+    result = replay(streamed_run.run_dir, env="viz-step-2", port=visdom_server.port, step=3)
+    assert result.snapshot_step == 2  # summaries at steps 2 and 4: the last one at or before 3
+    assert "step 2" in visdom_server.connection().windows("viz-step-2")["memory"]["title"]
+    with pytest.raises(ReplayError, match="no dashboard events"):
+        replay(tmp_path, port=visdom_server.port)
