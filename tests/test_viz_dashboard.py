@@ -199,3 +199,21 @@ def test_a_server_started_mid_run_gets_the_whole_curves(tmp_path, visdom_assets)
         assert trace["x"] == [1, 2] and trace["y"] == [0.9, 0.8]
     finally:
         stop(process)
+
+
+def test_figures_for_several_read_and_write_heads():
+    from dnc_lab.viz.figures import snapshot_figures
+
+    dims = {"nr_cells": 5, "cell_size": 3, "read_heads": 3, "num_writes": 2}
+    rng = np.random.default_rng(2)
+    event = eventlog.snapshot_event(7, 0.5, random_views(rng, 4, dims), dims,
+                                    np.ones((4, 2)), np.ones((4, 2)), np.ones((4, 2)), np.ones(4))
+    figures = {body["win"]: body for _, body in snapshot_figures("heads", event)}
+    assert set(figures) == expected_windows(dims, curves=())
+    modes = [trace["name"] for trace in figures["read-modes"]["data"]]
+    assert len(modes) == 3 * (1 + 2 * 2) and "r2 forward w1" in modes
+    gates = [trace["name"] for trace in figures["gates"]["data"]]
+    assert gates == ["write 0", "write 1", "allocation 0", "allocation 1",
+                     "free, read head 0", "free, read head 1", "free, read head 2"]
+    # link-1 is write head 1's matrix, not head 0's
+    assert np.allclose(figures["link-1"]["data"][0]["z"], event["views"]["link_matrix"][1])
