@@ -65,7 +65,7 @@ def curve_of(scalar: str) -> tuple[str, str]:
     return scalar, "train"
 
 
-_CURVE_TITLES = {"loss": "loss (training batch)", "ber": "bit error rate"}
+_CURVE_TITLES = {"loss": "training loss", "ber": "bit error rate"}
 
 
 def curve_draw(env: str, win: str, traces: dict[str, tuple[list, list]]) -> list[Message]:
