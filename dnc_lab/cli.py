@@ -111,7 +111,7 @@ def resume(run: str, cuda: Optional[int], steps: Optional[int], progress: Option
     last_step = checkpoints[-1][0]
     if steps is not None:
         if steps <= last_step:
-            raise click.UsageError(f"--steps {steps}: the run's newest checkpoint is at step {last_step}; "
+            raise runs.RunError(f"--steps {steps}: the run's newest checkpoint is at step {last_step}; "
                                    f"give a larger number")
         cfg.train.steps = steps
         save_config(cfg, run_dir / "config.yaml")

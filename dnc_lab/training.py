@@ -43,17 +43,17 @@ class TrainingError(Exception):
 
 def pick_device(cuda: int) -> torch.device:
     """``--cuda N``: cuda:N, or the CPU for -1; a clear error when CUDA or device N is missing."""
-    import click
+    from dnc_lab.config import ConfigError  # a usage error: one line, exit code 2
 
     if cuda < 0:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, but no usable GPU"
-        raise click.UsageError(f"--cuda {cuda}: CUDA is not available (torch {torch.__version__}, {build}); "
+        raise ConfigError(f"--cuda {cuda}: CUDA is not available (torch {torch.__version__}, {build}); "
                                f"use --cuda -1 for the CPU")
     count = torch.cuda.device_count()
     if cuda >= count:
-        raise click.UsageError(f"--cuda {cuda}: only {count} CUDA device(s) visible (0..{count - 1})")
+        raise ConfigError(f"--cuda {cuda}: only {count} CUDA device(s) visible (0..{count - 1})")
     return torch.device("cuda", cuda)
 
 
