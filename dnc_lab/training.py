@@ -310,7 +310,8 @@ def train(run_dir: Path, cfg: Config, device: torch.device, resume: bool = False
     step, elapsed, skipped_total = 0, 0.0, 0
 
     if resume:
-        state = runs.load_checkpoint(run_dir, map_location=device)
+        # On the CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest.
+        state = runs.load_checkpoint(run_dir, map_location="cpu")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         curriculum.load_state_dict(state["curriculum"])
