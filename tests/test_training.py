@@ -187,12 +187,13 @@ def test_resume_after_kill_9_ends_exactly_like_an_uninterrupted_run(tmp_path, mo
     _wait_for_checkpoint(root / "killed", proc, 20)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
+    proc.stdout.close()
     assert runs.read_status(root / "killed")["status"] == "running"  # it never got to say otherwise
     from click.testing import CliRunner
 
     from dnc_lab.cli import main
     table = CliRunner().invoke(main, ["runs"]).output.splitlines()
-    assert table[1].split()[0::3] == ["killed", "dead"]  # `dnclab runs` sees the process is gone
+    assert [table[1].split()[i] for i in (0, 3)] == ["killed", "dead"]  # `dnclab runs` sees the process is gone
     killed_at = runs.list_checkpoints(root / "killed")[-1][0]
 
     final = killed_at + 15
