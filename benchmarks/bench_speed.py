@@ -21,7 +21,8 @@ deterministic and is what grows as B·N²·T.
 Implementations are named on the command line (``--impls``): ``pytorch-dnc``, ``dnc_lab``,
 ``dnc_lab+fused`` (dnc_lab with its memories stepping through ``dnc_lab.fused``; option
 ``checkpoint_every``), each with constructor overrides after a colon, e.g.
-``dnc_lab:checkpoint_steps=8`` or ``dnc_lab+fused:checkpoint_every=4``.
+``dnc_lab:checkpoint_steps=8`` or ``dnc_lab+fused:checkpoint_every=4`` (several options: colons,
+``dnc_lab+compile_step:lstm_cell=true:fused=true``).
 
 pytorch-dnc 1.1.0 is installed from its wheel (``pip install -e ".[bench]"``). Its wheel
 requires ``flann``, whose pure-Python wheel installs fine but cannot load the native FLANN
@@ -88,14 +89,14 @@ CONFIGS = {
 # Implementations
 
 
-IMPLS = ("pytorch-dnc", "dnc_lab", "dnc_lab+fused")
+IMPLS = ("pytorch-dnc", "dnc_lab", "dnc_lab+fused", "dnc_lab+compile", "dnc_lab+compile_step")
 
 
 def parse_impl(spec: str) -> tuple[str, dict]:
-    """'dnc_lab:fused=True,clip=0' -> ('dnc_lab', {'fused': True, 'clip': 0})."""
-    name, _, rest = spec.partition(":")
+    """'dnc_lab:clip=0:checkpoint_steps=8' -> ('dnc_lab', {'clip': 0, 'checkpoint_steps': 8})."""
+    name, *items = spec.split(":")
     kwargs = {}
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, items):
         key, eq, value = item.partition("=")
         if not eq:
             raise SystemExit(f"bad implementation option {item!r} in {spec!r}: expected key=value")
@@ -133,10 +134,117 @@ def build_model(spec: str, cfg: Config, device: torch.device) -> torch.nn.Module
         if device.type == "cuda":
             kwargs["gpu_id"] = device.index or 0
         checkpoint_every = overrides.pop("checkpoint_every", 8)
+        lstm_cell = overrides.pop("lstm_cell", False)
+        use_fused = overrides.pop("fused", False)
         model = DNC(**kwargs, **overrides)
         if name == "dnc_lab+fused":
             use_fused_memory_step(model, checkpoint_every)
+        elif name == "dnc_lab+compile":
+            use_compiled_memory_step(model)
+        elif name == "dnc_lab+compile_step":
+            use_compiled_time_step(model, lstm_cell, use_fused, checkpoint_every)
     return model.to(device)
+
+
+def use_compiled_memory_step(model: torch.nn.Module) -> None:
+    """Experiment: this model's memories step with ``torch.compile(dnc_lab.memory.memory_step)``.
+
+    Static shapes (``dynamic=False``): one compilation per (batch, cells) shape, paid in the first
+    (untimed warm-up) steps; the report shows it as the first step's time in the memory run.
+    """
+    import types
+
+    from dnc_lab import memory
+    from dnc_lab.memory import MemoryAccess, MemoryStep
+
+    compiled = torch.compile(memory.memory_step, dynamic=False)
+
+    def forward(self, controller_output, state):
+        interface = self.interface_from(controller_output)
+        read_vectors, new_state = compiled(state, interface)
+        return MemoryStep(read_vectors, new_state, interface)
+
+    for module in model.modules():
+        if isinstance(module, MemoryAccess):
+            module.forward = types.MethodType(forward, module)
+
+
+def lstm_weights(lstm: torch.nn.LSTM) -> list[tuple[torch.Tensor, ...]]:
+    """(W_ih, W_hh, b_ih, b_hh) per layer of an ``nn.LSTM``."""
+    return [tuple(getattr(lstm, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+            for layer in range(lstm.num_layers)]
+
+
+def lstm_step(weights: list, x: torch.Tensor, hidden: tuple) -> tuple:
+    """One time step of a multi-layer ``nn.LSTM`` written out (same weights, same maths).
+
+    weights from ``lstm_weights``; x [B, in], hidden (h, c) each [layers, B, H] -> output [B, H],
+    (h, c). Plain addmm and point-wise ops, which torch.compile can fuse (Dynamo does not trace
+    into nn.LSTM at all, not even to read its weights: pass them in).
+    """
+    h0, c0 = hidden
+    hs, cs = [], []
+    for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
+        gates = torch.addmm(b_ih + b_hh, x, w_ih.t())
+        gates = torch.addmm(gates, h0[layer], w_hh.t())
+        i, f, g, o = gates.chunk(4, dim=1)
+        c = torch.sigmoid(f) * c0[layer] + torch.sigmoid(i) * torch.tanh(g)
+        x = torch.sigmoid(o) * torch.tanh(c)
+        hs.append(x)
+        cs.append(c)
+    return x, (torch.stack(hs), torch.stack(cs))
+
+
+def use_compiled_time_step(model: torch.nn.Module, lstm_cell: bool = False, use_fused: bool = False,
+                           checkpoint_every: int = 8) -> None:
+    """Experiment: compile one whole time step (controller + clip + memory), static shapes.
+
+    The compiled graph is the same for every time step, so it compiles once per (batch, sizes),
+    whatever the sequence length. One controller layer, shared memory (the benchmark configs).
+    """
+    import types
+
+    from dnc_lab import memory
+
+    for core in model.cores:
+        if len(core.controllers) != 1 or len(core.memories) != 1:
+            raise SystemExit("dnc_lab+compile_step: only num_layers=1 with one memory")
+        controller, access = core.controllers[0], core.memories[0]
+
+        def time_step(x_t, reads, hidden, state, weights, core=core, controller=controller, access=access):
+            if lstm_cell:
+                output, hidden = lstm_step(weights, torch.cat([x_t, reads], dim=-1), hidden)
+            else:
+                output, hidden = controller(torch.cat([x_t, reads], dim=-1).unsqueeze(0), hidden)
+                output = output.squeeze(0)
+            if core.clip:
+                output = output.clamp(-core.clip, core.clip)
+            if use_fused:
+                from dnc_lab import fused
+
+                read_vectors, state = fused.memory_step(state, access.interface_from(output), checkpoint_every)
+            else:
+                read_vectors, state = memory.memory_step(state, access.interface_from(output))
+            reads = read_vectors.flatten(1)
+            return torch.cat([output, reads], dim=-1), reads, hidden, state
+
+        compiled = torch.compile(time_step, dynamic=False)
+
+        def steps(self, x, controller_hidden, memories, reads, pass_through_memory, want_views, compiled=compiled,
+                  controller=controller):
+            hidden = controller_hidden[0]
+            if hidden is None:
+                zeros = x.new_zeros(controller.num_layers, x.shape[1], controller.hidden_size)
+                hidden = (zeros, zeros.clone())
+            state = memories[0]
+            features = []
+            weights = lstm_weights(controller) if lstm_cell else None
+            for x_t in x:
+                feature, reads, hidden, state = compiled(x_t, reads, hidden, state, weights)
+                features.append(feature)
+            return torch.stack(features), [hidden], [state], reads, []
+
+        core._steps = types.MethodType(steps, core)
 
 
 def use_fused_memory_step(model: torch.nn.Module, checkpoint_every: int) -> None:
@@ -487,18 +595,21 @@ def markdown(report: dict) -> str:
                          f"| {row['calls_per_step']:.0f} |")
     if report.get("scaling"):
         lines.append("")
-        lines.append("Memory scaling of `" + report["scaling"][0]["spec"] + "` (two training steps in a fresh process; MiB):")
+        lines.append("Memory against batch B, cells N and steps T (W=32, R=4, LSTM 128x2; two training steps in a "
+                     "fresh process; MiB; peak = peak RSS minus RSS before the steps):")
         lines.append("")
-        lines.append("| B | N | T | saved for backward | peak RSS delta | ms (2nd step) | B·N²·T·4 bytes |")
-        lines.append("|---|---|---|---|---|---|---|")
+        lines.append("| impl | B | N | T | saved for backward | peak | ms (2nd step) | B·N²·T floats |")
+        lines.append("|---|---|---|---|---|---|---|---|")
         for r in report["scaling"]:
             c = r["config"]
-            if "error" in r:
-                lines.append(f"| {c['batch']} | {c['nr_cells']} | {c['steps']} | error | {r['error']} | | |")
-                continue
             floor = c["batch"] * c["nr_cells"] ** 2 * c["steps"] * 4
-            lines.append(f"| {c['batch']} | {c['nr_cells']} | {c['steps']} | {mib(r['saved_for_backward_bytes'])} | "
-                         f"{mib(r['rss_delta_bytes'])} | {r['ms'][-1]:.0f} | {mib(floor)} |")
+            if "error" in r:
+                lines.append(f"| {r['spec']} | {c['batch']} | {c['nr_cells']} | {c['steps']} | error: "
+                             f"{' '.join(r['error'])[:80]} | | | {mib(floor)} |")
+                continue
+            lines.append(f"| {r['spec']} | {c['batch']} | {c['nr_cells']} | {c['steps']} | "
+                         f"{mib(r['saved_for_backward_bytes'])} | {mib(r['rss_delta_bytes'])} | {r['ms'][-1]:.0f} | "
+                         f"{mib(floor)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -512,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{k} ({c.describe()})" for k, c in CONFIGS.items()))
     p.add_argument("--impls", default="pytorch-dnc,dnc_lab",
                    help="comma-separated; the first is the baseline of the ratios. "
-                        "Options after a colon, e.g. dnc_lab:fused=true")
+                        "Options after colons, e.g. dnc_lab+compile_step:lstm_cell=true:fused=true")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per config (default 15, --quick 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 2, --quick 1)")
     p.add_argument("--quick", action="store_true", help="a short run: few repeats, batch capped at 8")
@@ -523,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--profile", action="store_true", help="torch.profiler top ops (configs a and c)")
     p.add_argument("--profile-steps", type=int, default=3)
-    p.add_argument("--scaling", action="store_true", help="memory of the last --impls vs B, N, T")
+    p.add_argument("--scaling", action="store_true", help="memory of each --impls vs batch, cells, steps")
     p.add_argument("--out", type=Path, default=None,
                    help="write the Markdown report here (default benchmarks/results/<date>-<device>.md)")
     p.add_argument("--json", type=Path, default=None, help="also write the raw results as JSON")
@@ -610,19 +721,19 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"    {row['op']:<40} {row['self_cpu_ms_per_step']:8.2f} ms {row['calls_per_step']:6.0f} calls")
 
     if args.scaling:
-        spec = specs[-1]
         points = [(16, 256, 41), (8, 256, 41), (4, 256, 41), (16, 128, 41), (16, 64, 41),
                   (16, 256, 21), (16, 256, 11), (8, 512, 41), (8, 1024, 41)]
         if args.quick:
             points = [(4, 64, 11), (2, 64, 11), (4, 32, 11), (4, 64, 5)]
         report["scaling"] = []
-        for b, n, t in points:
-            cfg = replace(CONFIGS["c"], name=f"B{b}N{n}T{t}", batch=b, nr_cells=n, steps=t)
-            r = bench_memory(spec, cfg, device, steps=2, threads=args.threads)
-            report["scaling"].append(r)
-            print(f"[scaling] {spec} B={b} N={n} T={t}: " + (f"error {r['error']}" if "error" in r else
-                  f"saved {mib(r['saved_for_backward_bytes'])} MiB, peak delta {mib(r['rss_delta_bytes'])} MiB, "
-                  f"{r['ms'][-1]:.0f} ms"), flush=True)
+        for spec in specs:
+            for b, n, t in points:
+                cfg = replace(CONFIGS["c"], name=f"B{b}N{n}T{t}", batch=b, nr_cells=n, steps=t)
+                r = bench_memory(spec, cfg, device, steps=2, threads=args.threads)
+                report["scaling"].append(r)
+                print(f"[scaling] {spec} B={b} N={n} T={t}: " + (f"error {r['error']}" if "error" in r else
+                      f"saved {mib(r['saved_for_backward_bytes'])} MiB, peak delta {mib(r['rss_delta_bytes'])} MiB, "
+                      f"{r['ms'][-1]:.0f} ms"), flush=True)
 
     text = markdown(report)
     out = args.out or HERE / "results" / f"{report['date'][:10]}-{device.type}{'-quick' if args.quick else ''}.md"
