@@ -13,6 +13,7 @@ the Python traceback instead.
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import time
 from pathlib import Path
@@ -159,7 +160,7 @@ def runs_command() -> None:
         s = runs.read_status(folder)
         status = s.get("status", "?")
         if status == "running" and not runs.is_alive(s):
-            status = "dead" if s.get("host") == _hostname() else "running?"
+            status = "dead" if s.get("host") == socket.gethostname() else "running?"
         last = s.get("last") or {}
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
         rows.append((folder.name, s.get("task", "?"), f"{s.get('step', 0)}/{s.get('steps', '?')}", status,
@@ -167,12 +168,6 @@ def runs_command() -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
         click.echo("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
-
-
-def _hostname() -> str:
-    import socket
-
-    return socket.gethostname()
 
 
 @main.command("eval", context_settings=CONTEXT)

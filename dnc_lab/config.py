@@ -27,7 +27,7 @@ from typing import Any, Literal, Optional
 import click
 import yaml
 
-from dnc_lab.tasks import TASKS, TaskConfig
+from dnc_lab.tasks import TASKS, TaskConfig, make_task
 from dnc_lab.tasks.base import setting
 
 
@@ -230,16 +230,6 @@ def save_config(cfg: Config, path: Path) -> None:
     path.write_text(text)
 
 
-def describe_schema() -> str:
-    """Every key with its default and help text, as commented YAML (for docs and --help)."""
-    lines = []
-    for name, cls in (("model", ModelConfig), ("train", TrainConfig), ("viz", VizConfig)):
-        lines.append(f"{name}:")
-        for f in dataclasses.fields(cls):
-            lines.append(f"  {f.name}: {f.default!r}  # {f.metadata.get('help', '')}")
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------------------------------
 # Validation helpers
 
@@ -321,8 +311,6 @@ def _check_value(value: Any, hint: Any, f: dataclasses.Field, prefix: str) -> An
 
 def _resolve_model_sizes(cfg: Config, where) -> None:
     """model.input_size/output_size follow from the task; a conflicting value is an error."""
-    from dnc_lab.tasks import make_task
-
     task = make_task(cfg.task, "cpu")
     for key, needed in (("input_size", task.input_size), ("output_size", task.output_size)):
         given = getattr(cfg.model, key)

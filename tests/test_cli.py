@@ -3,6 +3,7 @@ and a table of bad inputs, each a one-line error that leaves existing runs untou
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -128,7 +129,6 @@ def test_bad_inputs_give_one_clear_line_and_touch_no_run(env, tmp_path, make_arg
     result = cli(*make_args(config, tmp_path))
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
-    import re
     assert re.search(message, result.output), result.output
     assert snapshot(root) == before
     assert sorted(p.name for p in root.iterdir()) == ["existing"]

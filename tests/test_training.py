@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from dnc_lab import runs, training
-from dnc_lab.config import TrainConfig, config_from_dict, load_config, save_config
+from dnc_lab.config import TrainConfig, config_from_dict, save_config
 from dnc_lab.training import (TFRMSprop, TrainingError, bit_errors, build_optimizer, guarded_step, masked_bce,
                               parse_lengths)
 
@@ -38,10 +38,6 @@ def new_run(tmp_path: Path, raw: dict, name: str = "r") -> tuple[Path, object]:
     run_dir.mkdir()
     save_config(cfg, run_dir / "config.yaml")
     return run_dir, cfg
-
-
-def params(model_state: dict) -> list[torch.Tensor]:
-    return [v for v in model_state.values()]
 
 
 @pytest.fixture(autouse=True)
