@@ -251,3 +251,14 @@ def test_dashboard_logs_every_summary_and_does_not_change_training(tmp_path, dea
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("time", "steps_per_s")} for r in rows]  # noqa
     assert strip(runs.read_metrics(run_on)) == strip(runs.read_metrics(run_off))
     assert not (run_off / "visdom.jsonl").exists()
+
+
+def test_curriculum_advances_at_summaries_and_is_checkpointed(tmp_path):
+    raw = tiny(steps=8)
+    raw["task"].update(curriculum=True, curriculum_start=1, curriculum_threshold=1.0)  # always advance
+    run_dir, cfg = new_run(tmp_path, raw)
+    said = []
+    training.train(run_dir, cfg, torch.device("cpu"), progress=False, echo=said.append)
+    assert [r["max_length"] for r in runs.read_metrics(run_dir)] == [1, 2, 3, 3]  # the length used so far
+    assert "curriculum: sequences up to length 2 from step 3" in said
+    assert runs.load_checkpoint(run_dir)["curriculum"] == {"max_length": 3}
