@@ -295,9 +295,18 @@ def train(run_dir: Path, cfg: Config, device: torch.device, resume: bool = False
     progress: show a tqdm bar (default: when stderr is a terminal); otherwise a line per summary.
     Returns how the run ended; raises TrainingError when it had to stop (status 'failed').
     """
+    threads = torch.get_num_threads()
+    try:
+        if cfg.train.threads is not None:
+            torch.set_num_threads(cfg.train.threads)
+        return _train(run_dir, cfg, device, resume, progress, echo)
+    finally:
+        torch.set_num_threads(threads)  # leave the caller's process as it was
+
+
+def _train(run_dir: Path, cfg: Config, device: torch.device, resume: bool, progress: Optional[bool],
+           echo) -> TrainResult:
     tc = cfg.train
-    if tc.threads is not None:
-        torch.set_num_threads(tc.threads)
     seed_everything(tc.seed)
     model = build_model(cfg, device)
     model.train()

@@ -262,3 +262,13 @@ def test_curriculum_advances_at_summaries_and_is_checkpointed(tmp_path):
     assert [r["max_length"] for r in runs.read_metrics(run_dir)] == [1, 2, 3, 3]  # the length used so far
     assert "curriculum: sequences up to length 2 from step 3" in said
     assert runs.load_checkpoint(run_dir)["curriculum"] == {"max_length": 3}
+
+
+def test_max_seconds_stops_with_a_checkpoint_that_resumes(tmp_path):
+    run_dir, cfg = new_run(tmp_path, tiny(steps=8, max_seconds=1e-6))
+    result = training.train(run_dir, cfg, torch.device("cpu"), progress=False, echo=lambda *a: None)
+    assert (result.status, result.step) == ("max_seconds", 1)
+    assert [s for s, _ in runs.list_checkpoints(run_dir)] == [1]
+    cfg.train.max_seconds = None
+    result = training.train(run_dir, cfg, torch.device("cpu"), resume=True, progress=False, echo=lambda *a: None)
+    assert (result.status, result.step) == ("finished", 8) and runs.read_status(run_dir)["status"] == "finished"
