@@ -1,7 +1,7 @@
 """The ``dnclab`` command line: thin click commands, each parsing its options and calling one function.
 
     dnclab train CONFIG [--cuda N] [--set section.key=value]... [--run-id ID] [--dry-run]
-    dnclab resume ID [--cuda N] [--steps N]
+    dnclab resume ID [--cuda N] [--steps N] [--set train.key=value]...
     dnclab runs
     dnclab eval --run ID [--lengths 1-8,16,32]
     dnclab viz --run ID / dnclab server        (see dnc_lab.viz)
@@ -94,33 +94,48 @@ def train(config: Path, cuda: int, overrides: tuple[str, ...], run_id: Optional[
               help="CUDA device index; -1 for the CPU. Default: the device the run was started with.")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Train until this step instead of train.steps (e.g. to extend a finished run).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Change a train.* or viz.* value from here on, e.g. --set train.target_ber=null "
+                   "(model and task are fixed by the checkpoint).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-def resume(run: str, cuda: Optional[int], steps: Optional[int], progress: Optional[bool]) -> None:
+def resume(run: str, cuda: Optional[int], steps: Optional[int], overrides: tuple[str, ...],
+           progress: Optional[bool]) -> None:
     """Continue RUN (an id or a run folder) from its newest checkpoint, exactly where it left off."""
-    from dnc_lab.config import load_config, save_config
+    from dnc_lab.config import config_from_dict, parse_override, save_config
     from dnc_lab.training import pick_device
 
     run_dir = runs.resolve_run_dir(run)
     status = runs.read_status(run_dir)
     if runs.is_alive(status):
         raise runs.RunError(f"run {run_dir.name!r} is still running (pid {status['pid']}); stop it first")
-    cfg = load_config(run_dir / "config.yaml")
+    for item in overrides:
+        if parse_override(item)[0] not in ("train", "viz"):
+            raise runs.RunError(f"--set {item}: only train.* and viz.* values can change when resuming; "
+                                f"model and task are fixed by the checkpoint")
+    if steps is not None:
+        overrides += (f"train.steps={steps}",)
+    config_path = run_dir / "config.yaml"
+    try:
+        raw = yaml.safe_load(config_path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise runs.RunError(f"{config_path}: cannot read the run's config: {e}") from None
+    cfg = config_from_dict(raw, source=str(config_path), overrides=overrides)
     checkpoints = runs.list_checkpoints(run_dir)
     if not checkpoints:
         raise runs.RunError(f"run {run_dir.name!r} has no checkpoint to resume from; start it again with "
                             f"`dnclab train`")
     last_step = checkpoints[-1][0]
-    if steps is not None:
-        if steps <= last_step:
-            raise runs.RunError(f"--steps {steps}: the run's newest checkpoint is at step {last_step}; "
-                                   f"give a larger number")
-        cfg.train.steps = steps
-        save_config(cfg, run_dir / "config.yaml")
-    elif last_step >= cfg.train.steps:
+    if last_step >= cfg.train.steps:
         raise runs.RunError(f"run {run_dir.name!r} already reached step {last_step} of {cfg.train.steps}; "
-                            f"use --steps N to train it longer")
+                            f"use --steps N (N > {last_step}) to train it longer")
+    if status.get("status") == "reached_target" and not any(o.startswith("train.target_ber=") for o in overrides):
+        raise runs.RunError(f"run {run_dir.name!r} stopped at its target BER (train.target_ber = "
+                            f"{cfg.train.target_ber}); to train further, lower it or turn it off with "
+                            f"--set train.target_ber=null")
     cuda = status.get("cuda", -1) if cuda is None else cuda
     device = pick_device(cuda)
+    if overrides:
+        save_config(cfg, config_path)
     runs.write_status(run_dir, cuda=cuda, steps=cfg.train.steps)
     _run_training(run_dir, cfg, device, resume=True, progress=progress)
 

@@ -151,3 +151,23 @@ def test_unexpected_errors_are_one_line_unless_debug(env):
     assert "Traceback" not in result.output
     result = cli("--debug", "eval", "--run", "r")
     assert isinstance(result.exception, RuntimeError)
+
+
+def test_resume_changes_only_train_and_viz_values(env):
+    root, config = env
+    args = ["--no-progress", "--set", "train.steps=40", "--set", "train.target_ber=1.0"]  # stops at step 2
+    assert cli("train", config, "--run-id", "t", *args).exit_code == 0
+    assert runs.read_status(root / "t")["status"] == "reached_target"
+    before = snapshot(root)
+    result = cli("resume", "t")
+    assert result.exit_code == 2 and "--set train.target_ber=null" in result.output
+    result = cli("resume", "t", "--set", "model.hidden_size=16")
+    assert result.exit_code == 2 and "only train.* and viz.* values can change" in result.output
+    result = cli("resume", "t", "--set", "train.lr=-1")
+    assert result.exit_code == 2 and "train.lr = -1: expected a value > 0" in result.output
+    assert snapshot(root) == before
+    result = cli("resume", "t", "--set", "train.target_ber=null", "--steps", "6", "--no-progress")
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((root / "t" / "config.yaml").read_text())["train"]
+    assert (saved["target_ber"], saved["steps"]) == (None, 6)
+    assert runs.read_status(root / "t")["status"] == "finished"
