@@ -23,7 +23,10 @@ import click
 import torch
 import yaml
 
-from dnc_lab import runs
+from dnc_lab import runs, training  # training.train: the name `train` is the click command below
+from dnc_lab.config import ConfigError, config_from_dict, load_config, parse_override, save_config
+from dnc_lab.tasks import make_task
+from dnc_lab.training import TrainingError, build_model, evaluate, parse_lengths, pick_device
 from dnc_lab.viz.commands import server, viz
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
@@ -62,9 +65,6 @@ def main(debug: bool) -> None:
 def train(config: Path, cuda: int, overrides: tuple[str, ...], run_id: Optional[str], dry_run: bool,
           progress: Optional[bool]) -> None:
     """Train a DNC on the task in CONFIG (a YAML file, see configs/)."""
-    from dnc_lab.config import ConfigError, load_config, save_config
-    from dnc_lab.training import build_model, pick_device
-
     cfg = load_config(config, overrides)
     device = pick_device(cuda)
     try:  # the DNC's own checks, before any folder is made
@@ -101,9 +101,6 @@ def train(config: Path, cuda: int, overrides: tuple[str, ...], run_id: Optional[
 def resume(run: str, cuda: Optional[int], steps: Optional[int], overrides: tuple[str, ...],
            progress: Optional[bool]) -> None:
     """Continue RUN (an id or a run folder) from its newest checkpoint, exactly where it left off."""
-    from dnc_lab.config import config_from_dict, parse_override, save_config
-    from dnc_lab.training import pick_device
-
     run_dir = runs.resolve_run_dir(run)
     status = runs.read_status(run_dir)
     if runs.is_alive(status):
@@ -141,10 +138,8 @@ def resume(run: str, cuda: Optional[int], steps: Optional[int], overrides: tuple
 
 
 def _run_training(run_dir: Path, cfg, device, resume: bool, progress: Optional[bool]) -> None:
-    from dnc_lab.training import TrainingError, train
-
     try:
-        result = train(run_dir, cfg, device, resume=resume, progress=progress, echo=click.echo)
+        result = training.train(run_dir, cfg, device, resume=resume, progress=progress, echo=click.echo)
     except TrainingError as e:
         raise click.ClickException(str(e)) from None
     except Exception as e:
@@ -196,10 +191,6 @@ def runs_command() -> None:
 def eval_command(run: str, lengths: Optional[str], batch_size: int, seed: int, checkpoint: Optional[str],
                  cuda: int) -> None:
     """Bit error rate per sequence length: how a run generalises beyond its training lengths."""
-    from dnc_lab.config import load_config
-    from dnc_lab.tasks import make_task
-    from dnc_lab.training import evaluate, parse_lengths, pick_device
-
     run_dir = runs.resolve_run_dir(run)
     cfg = load_config(run_dir / "config.yaml")
     if lengths is None:
