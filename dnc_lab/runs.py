@@ -181,9 +181,12 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(run_dir: Path, step: int, payload: dict, keep: int) -> Path:
-    """Write ``checkpoints/step-<step>.pt`` atomically, then delete all but the newest ``keep``."""
+    """Write ``checkpoints/step-<step>.pt`` atomically, then delete all but the newest ``keep``
+    (and any temporary file a killed process left behind)."""
     folder = run_dir / "checkpoints"
     folder.mkdir(exist_ok=True)
+    for stale in folder.glob(".step-*.pt.tmp*"):
+        stale.unlink(missing_ok=True)
     path = folder / f"step-{step:08d}.pt"
     tmp = folder / f".{path.name}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
