@@ -419,12 +419,21 @@ def memory_child(spec: str, cfg: Config, device: torch.device, steps: int) -> di
     return result
 
 
-def bench_memory(spec: str, cfg: Config, device: torch.device, steps: int = 2, threads: int | None = None) -> dict:
+# glibc keeps freed blocks below its (adaptive) mmap threshold in the heap, so RSS can stay high
+# after tensors are freed, and by an amount that depends on the order of earlier allocations.
+# A fixed threshold of 128 KiB makes every tensor larger than that an mmap of its own, returned to
+# the OS when freed: the child's peak RSS then follows its peak of live tensors.
+EXACT_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def bench_memory(spec: str, cfg: Config, device: torch.device, steps: int = 2, threads: int | None = None,
+                 exact_malloc: bool = True) -> dict:
+    env = dict(os.environ, **EXACT_MALLOC_ENV) if exact_malloc else None
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", spec, "--child-config",
            json.dumps(asdict(cfg)), "--child-steps", str(steps), "--device", str(device)]
     if threads:
         cmd += ["--threads", str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"spec": spec, "config": asdict(cfg), "error": proc.stderr.strip().splitlines()[-1:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -556,7 +565,9 @@ def markdown(report: dict) -> str:
         lines.append("")
         key = "cuda_peak_bytes" if report["device"].startswith("cuda") else "rss_delta_bytes"
         what = "torch.cuda.max_memory_allocated during the steps" if key == "cuda_peak_bytes" else \
-            "peak RSS during 2 training steps minus RSS just before them, in a fresh process per model"
+            "peak RSS during 2 training steps minus RSS just before them, in a fresh process per model" + (
+                ", glibc defaults" if report.get("glibc_default") else
+                ", MALLOC_MMAP_THRESHOLD_=131072 so that freed tensors leave RSS")
         lines.append(f"Peak memory, MiB ({what}); saved-for-backward = bytes autograd holds after one forward:")
         lines.append("")
         head = "| config | " + " | ".join(f"{s} peak | {s} saved" for s in specs) + " | " + " | ".join(
@@ -632,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--no-speed", action="store_true")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--glibc-default", action="store_true",
+                   help="memory children with glibc's default malloc tuning (RSS then includes freed heap)")
     p.add_argument("--profile", action="store_true", help="torch.profiler top ops (configs a and c)")
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--scaling", action="store_true", help="memory of each --impls vs batch, cells, steps")
@@ -680,6 +693,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": str(device),
         "impls": specs,
         "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "glibc_default": args.glibc_default,
     }
     print(f"# {report['date']}  torch {torch.__version__}  device {device}  threads {torch.get_num_threads()}  "
           f"load {report['load_before']}", flush=True)
@@ -701,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
         report["memory"] = []
         for cfg in configs:
             for spec in specs:
-                r = bench_memory(spec, cfg, device, threads=args.threads)
+                r = bench_memory(spec, cfg, device, threads=args.threads, exact_malloc=not args.glibc_default)
                 report["memory"].append(r)
                 key = "cuda_peak_bytes" if args.cuda else "rss_delta_bytes"
                 print(f"[memory] {cfg.name} {spec}: " + (f"error {r['error']}" if "error" in r else
@@ -729,7 +743,8 @@ def main(argv: list[str] | None = None) -> int:
         for spec in specs:
             for b, n, t in points:
                 cfg = replace(CONFIGS["c"], name=f"B{b}N{n}T{t}", batch=b, nr_cells=n, steps=t)
-                r = bench_memory(spec, cfg, device, steps=2, threads=args.threads)
+                r = bench_memory(spec, cfg, device, steps=2, threads=args.threads,
+                                 exact_malloc=not args.glibc_default)
                 report["scaling"].append(r)
                 print(f"[scaling] {spec} B={b} N={n} T={t}: " + (f"error {r['error']}" if "error" in r else
                       f"saved {mib(r['saved_for_backward_bytes'])} MiB, peak delta {mib(r['rss_delta_bytes'])} MiB, "
