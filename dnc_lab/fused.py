@@ -149,18 +149,29 @@ class _LinkStep(torch.autograd.Function):
                 from_backward = torch.bmm(g_b, flat.transpose(1, 2))
                 grad_reads = from_backward if grad_reads is None else grad_reads.add_(from_backward)
             grad_reads = grad_reads.view(b, h, r, n).sum(1)
+        # L_t is not needed any more: let it go before the temporaries below are allocated.
+        link = flat = None
+        node.cached_output = None
 
+        # One scratch B·H·N² buffer serves the three products below, and dL_{t-1} is computed in
+        # place in G (ours), which therefore comes last: backward holds ~4 link-sized tensors.
         grad_prev_link = grad_precedence = grad_write = None
-        if ctx.needs_input_grad[2]:
-            weighted = grad * prev_link
-            # Σ_j G[k, j] p[j] as an element-wise product and a row sum: a matrix-vector bmm is
-            # several times slower on the CPU.
-            grad_write = (grad * prev_precedence.unsqueeze(-2)).sum(-1) - weighted.sum(-1) - weighted.sum(-2)
-            del weighted
         if ctx.needs_input_grad[1]:
             grad_precedence = torch.matmul(write_weights.unsqueeze(-2), grad).squeeze(-2)
+        scratch = None
+        if ctx.needs_input_grad[2]:
+            scratch = torch.mul(grad, prev_link)
+            grad_write = -(scratch.sum(-1) + scratch.sum(-2))
+            # Σ_j G[k, j] p[j] as a product and a row sum: a matrix-vector bmm is several times
+            # slower on the CPU.
+            grad_write += torch.mul(grad, prev_precedence.unsqueeze(-2), out=scratch).sum(-1)
         if ctx.needs_input_grad[0]:
-            grad_prev_link = _scale(write_weights).mul_(grad)
+            if scratch is None:
+                scale = _scale(write_weights)
+            else:
+                scale = torch.sub((1 - write_weights).unsqueeze(-1), write_weights.unsqueeze(-2), out=scratch)
+            grad_prev_link = grad.mul_(scale)
+        scratch = scale = None
 
         # Hand L_{t-1} to the previous step's backward (it is that step's output), drop our caches.
         if node.prev is not None:
