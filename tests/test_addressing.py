@@ -6,7 +6,15 @@ from torch.autograd import gradcheck
 
 from dnc_lab import addressing as A
 
-torch.set_default_dtype(torch.float64)  # this module's tests compare exact hand-computed values
+
+
+@pytest.fixture(autouse=True)
+def float64_by_default():
+    """This module's tests compare hand-computed values and run gradcheck: float64 throughout."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def t(*values):
