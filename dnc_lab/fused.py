@@ -232,10 +232,40 @@ class _NoContext:
         pass
 
 
+def content_weighting(memory: torch.Tensor, keys: torch.Tensor, strengths: torch.Tensor) -> torch.Tensor:
+    """``addressing.content_weighting`` with the dot products taken as M kᵀ, not k Mᵀ.
+
+    Same values. ``matmul(keys, memory.transpose(1, 2))`` makes autograd keep a contiguous copy of
+    Mᵀ [B, W, N] for every lookup; ``matmul(memory, keysᵀ)`` keeps M itself, which the step keeps
+    anyway. memory [B, N, W], keys [B, K, W], strengths [B, K] -> [B, K, N].
+    """
+    from dnc_lab.addressing import EPSILON
+
+    dot = torch.matmul(memory, keys.transpose(1, 2)).transpose(1, 2)  # [B, K, N]
+    key_norm = torch.sqrt(keys.pow(2).sum(-1, keepdim=True) + EPSILON)  # [B, K, 1]
+    memory_norm = torch.sqrt(memory.pow(2).sum(-1) + EPSILON).unsqueeze(1)  # [B, 1, N]
+    return torch.softmax(dot / (key_norm * memory_norm) * strengths.unsqueeze(-1), dim=-1)
+
+
+def erase_and_write(memory, write_weights, erase_vectors, write_vectors):
+    """``addressing.erase_and_write``; with one write head, without the product over heads.
+
+    ``torch.prod`` over a length-1 axis still makes autograd keep its [B, 1, N, W] input.
+    """
+    from dnc_lab import addressing
+
+    if write_weights.shape[1] != 1:
+        return addressing.erase_and_write(memory, write_weights, erase_vectors, write_vectors)
+    erase = 1 - write_weights.transpose(1, 2) * erase_vectors  # [B, N, 1] * [B, 1, W] -> [B, N, W]
+    add = torch.matmul(write_weights.transpose(1, 2), write_vectors)  # [B, N, W]
+    return memory * erase + add
+
+
 def memory_step(prev, interface, checkpoint_every: int = 8):
     """``dnc_lab.memory.memory_step`` with the link matrix and directional weightings fused.
 
     Same arguments, same results (tests/test_fused.py); a prototype for the lead to adopt or not.
+    Content lookups and the erase use the memory-lean variants above.
     """
     from dnc_lab import addressing
     from dnc_lab.memory import MemoryState
@@ -244,21 +274,19 @@ def memory_step(prev, interface, checkpoint_every: int = 8):
     usage_vector = addressing.usage(
         prev["usage_vector"], prev["write_weights"], interface.free_gates, prev["read_weights"]
     )
-    write_content = addressing.content_weighting(prev["memory"], interface.write_keys, interface.write_strengths)
+    write_content = content_weighting(prev["memory"], interface.write_keys, interface.write_strengths)
     allocation = addressing.write_allocation_weights(
         usage_vector, interface.allocation_gates * interface.write_gates, num_writes
     )
     write_weights = addressing.write_weighting(
         write_content, allocation, interface.allocation_gates, interface.write_gates
     )
-    memory = addressing.erase_and_write(
-        prev["memory"], write_weights, interface.erase_vectors, interface.write_vectors
-    )
+    memory = erase_and_write(prev["memory"], write_weights, interface.erase_vectors, interface.write_vectors)
     link, forward, backward = link_and_directional_weightings(
         prev["link_matrix"], prev["precedence"], write_weights, prev["read_weights"], checkpoint_every
     )
     precedence = addressing.precedence(prev["precedence"], write_weights)
-    read_content = addressing.content_weighting(memory, interface.read_keys, interface.read_strengths)
+    read_content = content_weighting(memory, interface.read_keys, interface.read_strengths)
     read_weights = addressing.read_weighting(read_content, forward, backward, interface.read_modes)
     read_vectors = addressing.read(memory, read_weights)
     state = MemoryState(

@@ -137,12 +137,13 @@ def test_rejects_bad_checkpoint_interval():
         fused.link_and_directional_weightings(leaves[2], leaves[3], leaves[0][0], leaves[1][0], checkpoint_every=0)
 
 
-def test_memory_step_matches_reference_over_a_sequence():
+@pytest.mark.parametrize("h", [1, 2])
+def test_memory_step_matches_reference_over_a_sequence(h):
     """The fused memory_step against dnc_lab.memory.memory_step, chained, values and gradients."""
     from dnc_lab import memory
 
     torch.manual_seed(3)
-    b, n, w, r, h, steps = 2, 6, 4, 2, 1, 5
+    b, n, w, r, steps = 2, 6, 4, 2, 5
     access = memory.MemoryAccess(8, n, w, r, h).double()
     inputs = torch.randn(steps, b, 8, dtype=torch.float64, requires_grad=True)
 
@@ -161,3 +162,28 @@ def test_memory_step_matches_reference_over_a_sequence():
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     for a, g in zip(got_grads, ref_grads):
         torch.testing.assert_close(a, g, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_lean_content_and_erase_match_reference(heads):
+    g = torch.Generator().manual_seed(5)
+    d = torch.float64
+    memory = torch.randn(3, 7, 4, generator=g, dtype=d, requires_grad=True)
+    keys = torch.randn(3, 2, 4, generator=g, dtype=d, requires_grad=True)
+    strengths = (1 + torch.rand(3, 2, generator=g, dtype=d)).requires_grad_()
+    weights = torch.softmax(torch.randn(3, heads, 7, generator=g, dtype=d), -1).requires_grad_()
+    erase = torch.rand(3, heads, 4, generator=g, dtype=d, requires_grad=True)
+    write = torch.randn(3, heads, 4, generator=g, dtype=d, requires_grad=True)
+    leaves = (memory, keys, strengths, weights, erase, write)
+    proj = torch.randn(3, 2, 7, generator=g, dtype=d), torch.randn(3, 7, 4, generator=g, dtype=d)
+
+    def loss(content_fn, erase_fn):
+        return (content_fn(memory, keys, strengths) * proj[0]).sum() + (
+            erase_fn(memory, weights, erase, write) * proj[1]
+        ).sum()
+
+    ref = loss(addressing.content_weighting, addressing.erase_and_write)
+    got = loss(fused.content_weighting, fused.erase_and_write)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(ref, leaves)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
