@@ -187,3 +187,43 @@ def test_lean_content_and_erase_match_reference(heads):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(ref, leaves)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_memory_step_under_activation_checkpointing_matches_reference():
+    """fused.memory_step inside torch.utils.checkpoint chunks (as DNC(checkpoint_steps=k) runs it)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from dnc_lab import memory
+
+    torch.manual_seed(4)
+    b, n, w, r, h, steps, chunk = 2, 6, 4, 2, 1, 7, 3
+    access = memory.MemoryAccess(8, n, w, r, h).double()
+    inputs = torch.randn(steps, b, 8, dtype=torch.float64, requires_grad=True)
+
+    def run_chunk(step_fn, xs, state):
+        total = 0
+        for x in xs:
+            reads, state = step_fn(state, access.interface_from(x))
+            total = total + reads.pow(2).sum()
+        return total, state
+
+    def unroll(step_fn, checkpointed):
+        state = access.initial_state(b, torch.float64, torch.device("cpu"))
+        total = 0
+        for start in range(0, steps, chunk):
+            xs = inputs[start : start + chunk]
+            if checkpointed:
+                part, state = checkpoint(run_chunk, step_fn, xs, state, use_reentrant=False)
+            else:
+                part, state = run_chunk(step_fn, xs, state)
+            total = total + part
+        return total + state["link_matrix"].sum()
+
+    params = [inputs, *access.parameters()]
+    ref = unroll(memory.memory_step, checkpointed=False)
+    ref_grads = torch.autograd.grad(ref, params)
+    got = unroll(lambda s, i: fused.memory_step(s, i, checkpoint_every=2), checkpointed=True)
+    got_grads = torch.autograd.grad(got, params)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for a, g in zip(got_grads, ref_grads):
+        torch.testing.assert_close(a, g, rtol=1e-5, atol=1e-5)
