@@ -4,7 +4,8 @@
     python benchmarks/bench_speed.py --quick             # a short run (smoke test)
     python benchmarks/bench_speed.py --configs c --repeats 20
     python benchmarks/bench_speed.py --profile           # torch.profiler top ops, configs a and c
-    python benchmarks/bench_speed.py --scaling           # dnc_lab memory vs batch, cells, steps
+    python benchmarks/bench_speed.py --scaling           # memory of each --impls vs batch, cells, steps
+    python benchmarks/bench_speed.py --threads 1         # on a shared machine: far steadier
     python benchmarks/bench_speed.py --cuda              # on a GPU, adds the batch-1000 runs
 
 What is timed is one training step: zero_grad, forward over the whole sequence, binary
@@ -13,14 +14,16 @@ Adam step. Both implementations get the same input and target tensors, and their
 alternate in one process (A, B, A, B, ...), so a load change on this shared machine hits both
 alike; we report medians. Peak memory is measured per model in a fresh child process, so one
 model's peak cannot hide the other's: on the CPU it is the child's peak resident set size
-(ru_maxrss) minus its own peak just before the first step (after imports, model and data), on a
-GPU ``torch.cuda.max_memory_allocated`` minus what was allocated before the step. We also count
+(VmHWM, reset after imports, model and data) minus its RSS just before the first step, with
+``MALLOC_MMAP_THRESHOLD_`` fixed so that freed tensors leave RSS (see ``EXACT_MALLOC_ENV``); on
+a GPU ``torch.cuda.max_memory_allocated`` minus what was allocated before the step. We also count
 the bytes autograd saves for backward in one forward pass (unique storages): that figure is
 deterministic and is what grows as B·N²·T.
 
 Implementations are named on the command line (``--impls``): ``pytorch-dnc``, ``dnc_lab``,
 ``dnc_lab+fused`` (dnc_lab with its memories stepping through ``dnc_lab.fused``; option
-``checkpoint_every``), each with constructor overrides after a colon, e.g.
+``checkpoint_every``), ``dnc_lab+compile`` (memory step compiled), ``dnc_lab+compile_step``
+(whole time step compiled; options ``lstm_cell``, ``fused``), each with constructor overrides after a colon, e.g.
 ``dnc_lab:checkpoint_steps=8`` or ``dnc_lab+fused:checkpoint_every=4`` (several options: colons,
 ``dnc_lab+compile_step:lstm_cell=true:fused=true``).
 
