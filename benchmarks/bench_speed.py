@@ -21,7 +21,7 @@ the bytes autograd saves for backward in one forward pass (unique storages): tha
 deterministic and is what grows as B·N²·T.
 
 Implementations are named on the command line (``--impls``): ``pytorch-dnc``, ``dnc_lab``,
-``dnc_lab+fused`` (dnc_lab with its memories stepping through ``dnc_lab.fused``; option
+``dnc_lab+fused`` (dnc_lab with ``DNC(fused_link=k)``: the link matrix from ``dnc_lab.fused``; option
 ``checkpoint_every``), ``dnc_lab+compile`` (memory step compiled), ``dnc_lab+compile_step``
 (whole time step compiled; options ``lstm_cell``, ``fused``), each with constructor overrides after a colon, e.g.
 ``dnc_lab:checkpoint_steps=8`` or ``dnc_lab+fused:checkpoint_every=4`` (several options: colons,
@@ -139,10 +139,10 @@ def build_model(spec: str, cfg: Config, device: torch.device) -> torch.nn.Module
         checkpoint_every = overrides.pop("checkpoint_every", 8)
         lstm_cell = overrides.pop("lstm_cell", False)
         use_fused = overrides.pop("fused", False)
-        model = DNC(**kwargs, **overrides)
         if name == "dnc_lab+fused":
-            use_fused_memory_step(model, checkpoint_every)
-        elif name == "dnc_lab+compile":
+            overrides["fused_link"] = checkpoint_every  # DNC(fused_link=k): the fused link matrix
+        model = DNC(**kwargs, **overrides)
+        if name == "dnc_lab+compile":
             use_compiled_memory_step(model)
         elif name == "dnc_lab+compile_step":
             use_compiled_time_step(model, lstm_cell, use_fused, checkpoint_every)
@@ -222,12 +222,8 @@ def use_compiled_time_step(model: torch.nn.Module, lstm_cell: bool = False, use_
                 output = output.squeeze(0)
             if core.clip:
                 output = output.clamp(-core.clip, core.clip)
-            if use_fused:
-                from dnc_lab import fused
-
-                read_vectors, state = fused.memory_step(state, access.interface_from(output), checkpoint_every)
-            else:
-                read_vectors, state = memory.memory_step(state, access.interface_from(output))
+            read_vectors, state = memory.memory_step(state, access.interface_from(output),
+                                                     checkpoint_every if use_fused else 0)
             reads = read_vectors.flatten(1)
             return torch.cat([output, reads], dim=-1), reads, hidden, state
 
@@ -248,31 +244,6 @@ def use_compiled_time_step(model: torch.nn.Module, lstm_cell: bool = False, use_
             return torch.stack(features), [hidden], [state], reads, []
 
         core._steps = types.MethodType(steps, core)
-
-
-def use_fused_memory_step(model: torch.nn.Module, checkpoint_every: int) -> None:
-    """Prototype: make this model's memories step with dnc_lab.fused.memory_step.
-
-    Replaces ``forward`` of each ``MemoryAccess`` of this instance only (others in the process are
-    untouched); until dnc_lab offers the fused path itself.
-    """
-    import types
-
-    from dnc_lab import fused
-    from dnc_lab.memory import MemoryAccess, MemoryStep
-
-    def forward(self, controller_output, state):
-        interface = self.interface_from(controller_output)
-        read_vectors, new_state = fused.memory_step(state, interface, checkpoint_every)
-        return MemoryStep(read_vectors, new_state, interface)
-
-    patched = 0
-    for module in model.modules():
-        if isinstance(module, MemoryAccess):
-            module.forward = types.MethodType(forward, module)
-            patched += 1
-    if not patched:
-        raise SystemExit("dnc_lab+fused: found no dnc_lab.memory.MemoryAccess module to patch")
 
 
 def make_batch(cfg: Config, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

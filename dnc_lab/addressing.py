@@ -30,7 +30,8 @@ def cosine_similarity(memory: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     vector; all-zero memory (every sequence starts that way) therefore has similarity 0 and a
     finite gradient.
     """
-    dot = torch.matmul(keys, memory.transpose(1, 2))  # [B, K, N]
+    # M kᵀ rather than k Mᵀ: autograd then keeps M itself, not a transposed copy of it.
+    dot = torch.matmul(memory, keys.transpose(1, 2)).transpose(1, 2)  # [B, K, N]
     key_norm = torch.sqrt(keys.pow(2).sum(-1, keepdim=True) + EPSILON)  # [B, K, 1]
     memory_norm = torch.sqrt(memory.pow(2).sum(-1) + EPSILON).unsqueeze(1)  # [B, 1, N]
     return dot / (key_norm * memory_norm)
@@ -136,7 +137,11 @@ def erase_and_write(
 
     With several heads the erases multiply, Π_h (1 - w_h e_h^T), and the writes add.
     """
-    erase = torch.prod(1 - write_weights.unsqueeze(-1) * erase_vectors.unsqueeze(2), dim=1)  # [B, N, W]
+    if write_weights.shape[1] == 1:
+        # One head: no product over heads, whose backward would keep a [B, 1, N, W] copy.
+        erase = 1 - write_weights.transpose(1, 2) * erase_vectors  # [B, N, 1] * [B, 1, W]
+    else:
+        erase = torch.prod(1 - write_weights.unsqueeze(-1) * erase_vectors.unsqueeze(2), dim=1)  # [B, N, W]
     add = torch.matmul(write_weights.transpose(1, 2), write_vectors)  # [B, N, W]
     return memory * erase + add
 

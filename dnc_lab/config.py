@@ -72,6 +72,8 @@ class ModelConfig:
     num_writes: int = _f(1, "write heads", min=1)
     checkpoint_steps: int = _f(0, "keep the recurrent state every this many steps for backward and "
                                   "recompute the rest (less memory, more time); 0 keeps all", min=0)
+    fused_link: int = _f(0, "k > 0: fused link-matrix update that keeps a link matrix for backward only "
+                            "every k steps (faster and far less memory from ~128 cells); 0: reference", min=0)
 
 
 @dataclass

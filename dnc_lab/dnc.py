@@ -73,7 +73,7 @@ class DNCCore(nn.Module):
 
     def __init__(self, input_size: int, hidden_size: int, rnn_type: str, num_layers: int, num_hidden_layers: int,
                  bias: bool, dropout: float, nr_cells: int, read_heads: int, cell_size: int, nonlinearity: str,
-                 independent_linears: bool, share_memory: bool, clip: float, num_writes: int):
+                 independent_linears: bool, share_memory: bool, clip: float, num_writes: int, fused_link: int):
         super().__init__()
         self.rnn_type = rnn_type
         self.share_memory = share_memory
@@ -85,7 +85,7 @@ class DNCCore(nn.Module):
             for layer in range(num_layers)
         )
         self.memories = nn.ModuleList(
-            MemoryAccess(hidden_size, nr_cells, cell_size, read_heads, num_writes, independent_linears)
+            MemoryAccess(hidden_size, nr_cells, cell_size, read_heads, num_writes, independent_linears, fused_link)
             for _ in range(1 if share_memory else num_layers)
         )
 
@@ -228,6 +228,7 @@ class DNC(nn.Module):
         output_size: Optional[int] = None,
         device: Optional[torch.device | str] = None,
         checkpoint_steps: int = 0,
+        fused_link: int = 0,
     ):
         super().__init__()
         rnn_type = rnn_type.lower() if isinstance(rnn_type, str) else rnn_type
@@ -253,9 +254,10 @@ class DNC(nn.Module):
         self.num_writes = num_writes
         self.output_size = output_size or input_size
         self.checkpoint_steps = checkpoint_steps
+        self.fused_link = fused_link
 
         core_args = (input_size, hidden_size, rnn_type, num_layers, num_hidden_layers, bias, dropout, nr_cells,
-                     read_heads, cell_size, nonlinearity, independent_linears, share_memory, clip, num_writes)
+                     read_heads, cell_size, nonlinearity, independent_linears, share_memory, clip, num_writes, fused_link)
         directions = 2 if bidirectional else 1
         self.cores = nn.ModuleList(DNCCore(*core_args) for _ in range(directions))
         self.output = nn.Linear(directions * (hidden_size + read_heads * cell_size), self.output_size)
@@ -352,8 +354,9 @@ def _validate(args: dict[str, Any]) -> None:
         raise ValueError(f"nonlinearity={args['nonlinearity']!r}: expected one of {list(NONLINEARITIES)}")
     if not 0 <= args["dropout"] < 1:
         raise ValueError(f"dropout={args['dropout']!r}: expected a probability in [0, 1)")
-    if isinstance(args["checkpoint_steps"], bool) or not isinstance(args["checkpoint_steps"], int) \
-            or args["checkpoint_steps"] < 0:
-        raise ValueError(f"checkpoint_steps={args['checkpoint_steps']!r}: expected an integer >= 0 (0: off)")
+    for name in ("checkpoint_steps", "fused_link"):
+        value = args[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name}={value!r}: expected an integer >= 0 (0: off)")
     if args["clip"] < 0:
         raise ValueError(f"clip={args['clip']!r}: expected >= 0 (0 disables clipping)")

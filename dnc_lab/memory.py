@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dnc_lab import addressing
+from dnc_lab import addressing, fused
 
 
 class MemoryState(TypedDict):
@@ -125,8 +125,12 @@ def initial_state(
     )
 
 
-def memory_step(prev: MemoryState, interface: Interface) -> tuple[torch.Tensor, MemoryState]:
+def memory_step(prev: MemoryState, interface: Interface, fused_link: int = 0) -> tuple[torch.Tensor, MemoryState]:
     """One time step of the DNC memory: write, then read. Pure; returns (read vectors [B, R, W], new state).
+
+    fused_link = k > 0 computes the link matrix and the directional weightings with
+    ``fused.link_and_directional_weightings`` (same values; keeps a link matrix for the backward
+    pass only every k steps instead of two per step); 0 uses the reference functions.
 
     The order is the paper's: usage from the previous step's weightings and this step's free
     gates; allocation and content lookup on the previous memory; erase and write; link matrix and
@@ -147,10 +151,15 @@ def memory_step(prev: MemoryState, interface: Interface) -> tuple[torch.Tensor, 
     memory = addressing.erase_and_write(
         prev["memory"], write_weights, interface.erase_vectors, interface.write_vectors
     )
-    link = addressing.link_matrix(prev["link_matrix"], prev["precedence"], write_weights)
+    if fused_link:
+        link, forward, backward = fused.link_and_directional_weightings(
+            prev["link_matrix"], prev["precedence"], write_weights, prev["read_weights"], fused_link
+        )
+    else:
+        link = addressing.link_matrix(prev["link_matrix"], prev["precedence"], write_weights)
+        forward, backward = addressing.directional_weightings(link, prev["read_weights"])
     precedence = addressing.precedence(prev["precedence"], write_weights)
 
-    forward, backward = addressing.directional_weightings(link, prev["read_weights"])
     read_content = addressing.content_weighting(memory, interface.read_keys, interface.read_strengths)
     read_weights = addressing.read_weighting(read_content, forward, backward, interface.read_modes)
     read_vectors = addressing.read(memory, read_weights)
@@ -182,8 +191,10 @@ class MemoryAccess(nn.Module):
         read_heads: int,
         num_writes: int = 1,
         independent_linears: bool = False,
+        fused_link: int = 0,
     ):
         super().__init__()
+        self.fused_link = fused_link
         self.nr_cells = nr_cells
         self.cell_size = cell_size
         self.read_heads = read_heads
@@ -212,5 +223,5 @@ class MemoryAccess(nn.Module):
     def forward(self, controller_output: torch.Tensor, state: MemoryState) -> MemoryStep:
         """controller_output [B, input_size], state -> MemoryStep(read_vectors [B, R, W], new state, interface)."""
         interface = self.interface_from(controller_output)
-        read_vectors, new_state = memory_step(state, interface)
+        read_vectors, new_state = memory_step(state, interface, self.fused_link)
         return MemoryStep(read_vectors, new_state, interface)

@@ -173,12 +173,13 @@ def test_one_call_equals_two_halves_with_state_passed_along(rnn_type):
     assert torch.allclose(second_state[1]["link_matrix"], whole_state[1]["link_matrix"], atol=1e-10)
 
 
-@pytest.mark.parametrize("checkpoint_steps", [1, 3])
-def test_checkpointing_steps_gives_the_same_values_and_gradients(checkpoint_steps):
+@pytest.mark.parametrize("memory_saving", [dict(checkpoint_steps=1), dict(checkpoint_steps=3), dict(fused_link=2),
+                                           dict(fused_link=3, checkpoint_steps=4)])
+def test_memory_saving_options_give_the_same_values_and_gradients(memory_saving):
     x = sequence(steps=8, dtype=torch.float64)
     results = []
-    for steps in (0, checkpoint_steps):
-        model = make(checkpoint_steps=steps, num_layers=2, dropout=0.2).to(torch.float64)
+    for options in ({}, memory_saving):
+        model = make(**options, num_layers=2, dropout=0.2).to(torch.float64)
         torch.manual_seed(7)  # the same dropout masks; checkpointing replays them in the backward pass
         output, (_, memory, _) = model(x)
         (output.pow(2).sum() + memory["link_matrix"].sum()).backward()

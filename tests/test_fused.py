@@ -139,7 +139,7 @@ def test_rejects_bad_checkpoint_interval():
 
 @pytest.mark.parametrize("h", [1, 2])
 def test_memory_step_matches_reference_over_a_sequence(h):
-    """The fused memory_step against dnc_lab.memory.memory_step, chained, values and gradients."""
+    """memory_step with the fused link against the reference, chained, values and gradients."""
     from dnc_lab import memory
 
     torch.manual_seed(3)
@@ -157,40 +157,15 @@ def test_memory_step_matches_reference_over_a_sequence(h):
 
     ref = unroll(memory.memory_step)
     ref_grads = torch.autograd.grad(ref, [inputs, *access.parameters()])
-    got = unroll(lambda s, i: fused.memory_step(s, i, checkpoint_every=2))
+    got = unroll(lambda s, i: memory.memory_step(s, i, fused_link=2))
     got_grads = torch.autograd.grad(got, [inputs, *access.parameters()])
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     for a, g in zip(got_grads, ref_grads):
         torch.testing.assert_close(a, g, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("heads", [1, 2])
-def test_lean_content_and_erase_match_reference(heads):
-    g = torch.Generator().manual_seed(5)
-    d = torch.float64
-    memory = torch.randn(3, 7, 4, generator=g, dtype=d, requires_grad=True)
-    keys = torch.randn(3, 2, 4, generator=g, dtype=d, requires_grad=True)
-    strengths = (1 + torch.rand(3, 2, generator=g, dtype=d)).requires_grad_()
-    weights = torch.softmax(torch.randn(3, heads, 7, generator=g, dtype=d), -1).requires_grad_()
-    erase = torch.rand(3, heads, 4, generator=g, dtype=d, requires_grad=True)
-    write = torch.randn(3, heads, 4, generator=g, dtype=d, requires_grad=True)
-    leaves = (memory, keys, strengths, weights, erase, write)
-    proj = torch.randn(3, 2, 7, generator=g, dtype=d), torch.randn(3, 7, 4, generator=g, dtype=d)
-
-    def loss(content_fn, erase_fn):
-        return (content_fn(memory, keys, strengths) * proj[0]).sum() + (
-            erase_fn(memory, weights, erase, write) * proj[1]
-        ).sum()
-
-    ref = loss(addressing.content_weighting, addressing.erase_and_write)
-    got = loss(fused.content_weighting, fused.erase_and_write)
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-    for a, b in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(ref, leaves)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
 def test_memory_step_under_activation_checkpointing_matches_reference():
-    """fused.memory_step inside torch.utils.checkpoint chunks (as DNC(checkpoint_steps=k) runs it)."""
+    """The fused link inside torch.utils.checkpoint chunks (as DNC(checkpoint_steps=k) runs it)."""
     from torch.utils.checkpoint import checkpoint
 
     from dnc_lab import memory
@@ -222,7 +197,7 @@ def test_memory_step_under_activation_checkpointing_matches_reference():
     params = [inputs, *access.parameters()]
     ref = unroll(memory.memory_step, checkpointed=False)
     ref_grads = torch.autograd.grad(ref, params)
-    got = unroll(lambda s, i: fused.memory_step(s, i, checkpoint_every=2), checkpointed=True)
+    got = unroll(lambda s, i: memory.memory_step(s, i, fused_link=2), checkpointed=True)
     got_grads = torch.autograd.grad(got, params)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     for a, g in zip(got_grads, ref_grads):
