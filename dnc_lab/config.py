@@ -74,6 +74,8 @@ class ModelConfig:
                                   "recompute the rest (less memory, more time); 0 keeps all", min=0)
     fused_link: int = _f(0, "k > 0: fused link-matrix update that keeps a link matrix for backward only "
                             "every k steps (faster and far less memory from ~128 cells); 0: reference", min=0)
+    compile_step: bool = _f(False, "torch.compile one time step (controller + memory): faster steps after a "
+                                   "compilation of tens of seconds per batch size")
 
 
 @dataclass

@@ -27,40 +27,11 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from dnc_lab.controller import controller_step, make_controller
 from dnc_lab.memory import STATE_KEYS, MemoryAccess, MemoryState
 
 RNN_TYPES = ("lstm", "gru", "rnn", "ff")
 NONLINEARITIES = ("tanh", "relu")
-
-
-class FeedForwardController(nn.Module):
-    """``num_hidden_layers`` linear layers, each followed by the nonlinearity. Stateless."""
-
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int, bias: bool, nonlinearity: str, dropout: float):
-        super().__init__()
-        layers: list[nn.Module] = []
-        for i in range(num_layers):
-            layers.append(nn.Linear(input_size if i == 0 else hidden_size, hidden_size, bias=bias))
-            layers.append(nn.Tanh() if nonlinearity == "tanh" else nn.ReLU())
-            if dropout and i < num_layers - 1:
-                layers.append(nn.Dropout(dropout))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor, hidden: None = None) -> tuple[torch.Tensor, None]:
-        return self.net(x), None
-
-
-def _make_controller(rnn_type: str, input_size: int, hidden_size: int, num_hidden_layers: int,
-                     bias: bool, nonlinearity: str, dropout: float) -> nn.Module:
-    if rnn_type == "ff":
-        return FeedForwardController(input_size, hidden_size, num_hidden_layers, bias, nonlinearity, dropout)
-    # Stepped one time step at a time, time-major: input [1, B, in].
-    kwargs = dict(num_layers=num_hidden_layers, bias=bias, dropout=dropout if num_hidden_layers > 1 else 0.0)
-    if rnn_type == "lstm":
-        return nn.LSTM(input_size, hidden_size, **kwargs)
-    if rnn_type == "gru":
-        return nn.GRU(input_size, hidden_size, **kwargs)
-    return nn.RNN(input_size, hidden_size, nonlinearity=nonlinearity, **kwargs)
 
 
 class DNCCore(nn.Module):
@@ -73,15 +44,18 @@ class DNCCore(nn.Module):
 
     def __init__(self, input_size: int, hidden_size: int, rnn_type: str, num_layers: int, num_hidden_layers: int,
                  bias: bool, dropout: float, nr_cells: int, read_heads: int, cell_size: int, nonlinearity: str,
-                 independent_linears: bool, share_memory: bool, clip: float, num_writes: int, fused_link: int):
+                 independent_linears: bool, share_memory: bool, clip: float, num_writes: int, fused_link: int,
+                 compile_step: bool = False):
         super().__init__()
         self.rnn_type = rnn_type
+        self.compile_step = compile_step
+        self._compiled: dict = {}  # the compiled time step, made on first use (not a parameter or state)
         self.share_memory = share_memory
         self.clip = clip
         self.read_size = read_heads * cell_size
         self.controllers = nn.ModuleList(
-            _make_controller(rnn_type, (input_size if layer == 0 else hidden_size) + self.read_size, hidden_size,
-                             num_hidden_layers, bias, nonlinearity, dropout)
+            make_controller(rnn_type, (input_size if layer == 0 else hidden_size) + self.read_size, hidden_size,
+                            num_hidden_layers, bias, nonlinearity, dropout)
             for layer in range(num_layers)
         )
         self.memories = nn.ModuleList(
@@ -137,32 +111,41 @@ class DNCCore(nn.Module):
         """The recurrence over x [t, B, I], from the given state. Returns features [t, B, C + R*W],
         the state after the last step, and per-step views (empty unless asked for)."""
         controller_hidden, memories = list(controller_hidden), list(memories)
+        time_step = self._time_step
+        if self.compile_step:
+            if "step" not in self._compiled:
+                # Static shapes: one graph per batch size and dtype, reused at every time step and for
+                # any sequence length. Compiling takes tens of seconds on a CPU.
+                self._compiled["step"] = torch.compile(self._time_step, dynamic=False)
+            time_step = self._compiled["step"]
         features, views = [], []
         for x_t in x:
-            layer_input = torch.cat([x_t, reads], dim=-1)
-            for layer, controller in enumerate(self.controllers):
-                hidden, controller_hidden[layer] = self._control(controller, layer_input, controller_hidden[layer])
-                if pass_through_memory:
-                    slot = 0 if self.share_memory else layer
-                    step = self.memories[slot](hidden, memories[slot])
-                    memories[slot] = step.state
-                    reads = step.read_vectors.flatten(1)  # [B, R*W]
-                layer_input = torch.cat([hidden, reads], dim=-1)
-            features.append(layer_input)
+            feature, controller_hidden, memories, reads, step = time_step(
+                x_t, controller_hidden, memories, reads, pass_through_memory
+            )
+            features.append(feature)
             if want_views and pass_through_memory:
                 views.append(_view_of_first_sample(step.state, step.interface))
         return torch.stack(features), controller_hidden, memories, reads, views
 
-    def _control(self, controller: nn.Module, layer_input: torch.Tensor, hidden: Any):
-        if self.rnn_type == "ff":
-            output, hidden = controller(layer_input)
-        else:
-            output, hidden = controller(layer_input.unsqueeze(0), hidden)
-            output = output.squeeze(0)
-        if self.clip:
-            # pytorch-dnc's `clip`: bound the controller output that feeds the interface.
-            output = output.clamp(-self.clip, self.clip)
-        return output, hidden
+    def _time_step(self, x_t: torch.Tensor, controller_hidden: list, memories: list, reads: torch.Tensor,
+                   pass_through_memory: bool):
+        """One time step through every layer: x_t [B, I] -> feature [B, C + R*W], new state, last memory step."""
+        controller_hidden, memories = list(controller_hidden), list(memories)
+        layer_input = torch.cat([x_t, reads], dim=-1)
+        step = None
+        for layer, controller in enumerate(self.controllers):
+            hidden, controller_hidden[layer] = controller_step(controller, layer_input, controller_hidden[layer])
+            if self.clip:
+                # pytorch-dnc's `clip`: bound the controller output that feeds the interface.
+                hidden = hidden.clamp(-self.clip, self.clip)
+            if pass_through_memory:
+                slot = 0 if self.share_memory else layer
+                step = self.memories[slot](hidden, memories[slot])
+                memories[slot] = step.state
+                reads = step.read_vectors.flatten(1)  # [B, R*W]
+            layer_input = torch.cat([hidden, reads], dim=-1)
+        return layer_input, controller_hidden, memories, reads, step
 
 
 def _check_state(given: Any, expected: MemoryState) -> None:
@@ -229,6 +212,7 @@ class DNC(nn.Module):
         device: Optional[torch.device | str] = None,
         checkpoint_steps: int = 0,
         fused_link: int = 0,
+        compile_step: bool = False,
     ):
         super().__init__()
         rnn_type = rnn_type.lower() if isinstance(rnn_type, str) else rnn_type
@@ -255,11 +239,12 @@ class DNC(nn.Module):
         self.output_size = output_size or input_size
         self.checkpoint_steps = checkpoint_steps
         self.fused_link = fused_link
+        self.compile_step = compile_step
 
         core_args = (input_size, hidden_size, rnn_type, num_layers, num_hidden_layers, bias, dropout, nr_cells,
                      read_heads, cell_size, nonlinearity, independent_linears, share_memory, clip, num_writes, fused_link)
         directions = 2 if bidirectional else 1
-        self.cores = nn.ModuleList(DNCCore(*core_args) for _ in range(directions))
+        self.cores = nn.ModuleList(DNCCore(*core_args, compile_step=compile_step) for _ in range(directions))
         self.output = nn.Linear(directions * (hidden_size + read_heads * cell_size), self.output_size)
         self.to(_resolve_device(gpu_id, device))
 

@@ -234,6 +234,23 @@ def test_every_configuration_runs_forward_and_backward(rnn_type, share_memory, i
 
 
 @pytest.mark.slow
+def test_compiled_time_step_gives_the_same_numbers():
+    x = sequence(steps=6)
+    eager = make(num_layers=2)
+    compiled = make(num_layers=2, compile_step=True)
+    out_eager, (_, mem_eager, _) = eager(x)
+    out_compiled, (_, mem_compiled, _) = compiled(x)
+    assert torch.allclose(out_eager, out_compiled, atol=1e-5)
+    assert torch.allclose(mem_eager["link_matrix"], mem_compiled["link_matrix"], atol=1e-5)
+    out_eager.pow(2).sum().backward()
+    out_compiled.pow(2).sum().backward()
+    for a, b in zip(eager.parameters(), compiled.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-4)
+    shorter = compiled(x[:, :3])[0]  # another length reuses the compiled step
+    assert torch.allclose(shorter, out_compiled[:, :3], atol=1e-5)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 1000])
 def test_no_nan_or_inf_over_300_steps_from_zero_memory(batch):
     torch.manual_seed(0)
