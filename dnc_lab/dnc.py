@@ -112,7 +112,7 @@ class DNCCore(nn.Module):
         the state after the last step, and per-step views (empty unless asked for)."""
         controller_hidden, memories = list(controller_hidden), list(memories)
         time_step = self._time_step
-        if self.compile_step:
+        if self.compile_step and not want_views:  # views are for one-off summaries: not worth a compilation
             if "step" not in self._compiled:
                 # Static shapes: one graph per batch size and dtype, reused at every time step and for
                 # any sequence length. Compiling takes tens of seconds on a CPU.
