@@ -1,6 +1,7 @@
 # dnc_lab: one-command set-up, tests, training and benchmarks.
 #   make setup                      CPU build of torch (the default)
 #   make setup TORCH="torch==2.13.0 --index-url <your CUDA wheel index>"   for a GPU
+#   make bench BENCH_ARGS="--threads 1 --configs a,c"   (see benchmarks/RESULTS.md)
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
@@ -39,7 +40,7 @@ train: setup
 
 bench: setup
 	$(PIP_ENV) $(BIN)/pip install -q -e ".[bench]"
-	$(BIN)/python benchmarks/bench_speed.py
+	$(BIN)/python benchmarks/bench_speed.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
