@@ -5,8 +5,8 @@ parameters, the ``state_dict`` and the hidden-state format are exactly torch's. 
 step them one time step at a time (each step's input holds the previous step's reads), and
 calling a torch RNN on a one-step sequence costs far more than the step itself; ``torch.compile``
 cannot trace into it either. ``rnn_step`` therefore computes one step from the module's weights
-with the same equations (PyTorch's documentation of each module), which tests/test_controller.py
-checks against the module itself.
+(``rnn_weights``) with the same equations (PyTorch's documentation of each module), which
+tests/test_controller.py checks against the module itself.
 
 Shapes: B batch, L = ``num_layers`` of the torch module (the DNC's ``num_hidden_layers``), H hidden.
 """
@@ -53,41 +53,52 @@ def make_controller(rnn_type: str, input_size: int, hidden_size: int, num_layers
     return nn.RNN(input_size, hidden_size, nonlinearity=nonlinearity, **kwargs)
 
 
+def rnn_weights(rnn: nn.RNNBase) -> list[tuple[torch.Tensor, ...]]:
+    """(W_ih, W_hh, b_ih, b_hh) per layer of a torch RNN module (biases None when ``bias=False``).
+
+    Taken outside a compiled region and passed in: Dynamo refuses to touch an RNN module at all.
+    """
+    names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+    return [tuple(getattr(rnn, f"{name}_l{layer}", None) for name in names) for layer in range(rnn.num_layers)]
+
+
 def controller_step(controller: nn.Module, x: torch.Tensor, hidden: Hidden) -> tuple[torch.Tensor, Hidden]:
-    """One time step: x [B, in], hidden (torch's format, or None for zeros) -> output [B, H], new hidden."""
+    """One time step of any controller module: x [B, in], hidden (torch's format, or None for
+    zeros) -> output [B, H], new hidden."""
     if isinstance(controller, FeedForwardController):
         return controller(x)
-    return rnn_step(controller, x, hidden)
+    kind = "lstm" if isinstance(controller, nn.LSTM) else "gru" if isinstance(controller, nn.GRU) else "rnn"
+    nonlinearity = getattr(controller, "nonlinearity", "tanh")
+    dropout = controller.dropout if controller.training else 0.0
+    return rnn_step(kind, rnn_weights(controller), x, hidden, dropout, nonlinearity)
 
 
-def rnn_step(rnn: nn.RNNBase, x: torch.Tensor, hidden: Hidden) -> tuple[torch.Tensor, Hidden]:
-    """One time step of a multi-layer ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``, from its own weights.
+def rnn_step(kind: str, weights: list[tuple[torch.Tensor, ...]], x: torch.Tensor, hidden: Hidden,
+             dropout: float = 0.0, nonlinearity: str = "tanh") -> tuple[torch.Tensor, Hidden]:
+    """One time step of a multi-layer LSTM / GRU / RNN (``kind``) from its weights (:func:`rnn_weights`).
 
     x [B, in]; hidden: (h, c) each [L, B, H] for an LSTM, h [L, B, H] otherwise, or None (zeros).
-    Returns the top layer's output [B, H] and the new hidden state in the same format. Dropout
-    between layers applies in training mode, as in the module.
+    Returns the top layer's output [B, H] and the new hidden state in the same format. ``dropout``
+    applies between layers, as in the torch modules in training mode (pass 0 in eval mode).
     """
-    is_lstm = isinstance(rnn, nn.LSTM)
+    layers, hidden_size = len(weights), weights[0][1].shape[1]
     if hidden is None:
-        zeros = x.new_zeros(rnn.num_layers, x.shape[0], rnn.hidden_size)
-        hidden = (zeros, zeros) if is_lstm else zeros
+        zeros = x.new_zeros(layers, x.shape[0], hidden_size)
+        hidden = (zeros, zeros) if kind == "lstm" else zeros
     hs, cs = [], []
-    for layer in range(rnn.num_layers):
-        w_ih, w_hh = getattr(rnn, f"weight_ih_l{layer}"), getattr(rnn, f"weight_hh_l{layer}")
-        b_ih = getattr(rnn, f"bias_ih_l{layer}") if rnn.bias else None
-        b_hh = getattr(rnn, f"bias_hh_l{layer}") if rnn.bias else None
-        if is_lstm:
+    for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
+        if kind == "lstm":
             h, c = _lstm_cell(x, hidden[0][layer], hidden[1][layer], w_ih, w_hh, b_ih, b_hh)
             cs.append(c)
-        elif isinstance(rnn, nn.GRU):
+        elif kind == "gru":
             h = _gru_cell(x, hidden[layer], w_ih, w_hh, b_ih, b_hh)
         else:
-            h = _rnn_cell(x, hidden[layer], w_ih, w_hh, b_ih, b_hh, rnn.nonlinearity)
+            h = _rnn_cell(x, hidden[layer], w_ih, w_hh, b_ih, b_hh, nonlinearity)
         hs.append(h)
         x = h
-        if rnn.dropout and rnn.training and layer < rnn.num_layers - 1:
-            x = F.dropout(x, rnn.dropout, training=True)
-    new_hidden = (torch.stack(hs), torch.stack(cs)) if is_lstm else torch.stack(hs)
+        if dropout and layer < layers - 1:
+            x = F.dropout(x, dropout, training=True)
+    new_hidden = (torch.stack(hs), torch.stack(cs)) if kind == "lstm" else torch.stack(hs)
     return h, new_hidden
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from dnc_lab.controller import controller_step, make_controller
+from dnc_lab.controller import make_controller, rnn_step, rnn_weights
 from dnc_lab.memory import STATE_KEYS, MemoryAccess, MemoryState
 
 RNN_TYPES = ("lstm", "gru", "rnn", "ff")
@@ -48,10 +48,13 @@ class DNCCore(nn.Module):
                  compile_step: bool = False):
         super().__init__()
         self.rnn_type = rnn_type
+        self.nonlinearity = nonlinearity
         self.compile_step = compile_step
         self._compiled: dict = {}  # the compiled time step, made on first use (not a parameter or state)
         self.share_memory = share_memory
         self.clip = clip
+        # torch's RNNs apply dropout between their hidden layers only
+        self.dropout = dropout if num_hidden_layers > 1 else 0.0
         self.read_size = read_heads * cell_size
         self.controllers = nn.ModuleList(
             make_controller(rnn_type, (input_size if layer == 0 else hidden_size) + self.read_size, hidden_size,
@@ -118,24 +121,35 @@ class DNCCore(nn.Module):
                 # any sequence length. Compiling takes tens of seconds on a CPU.
                 self._compiled["step"] = torch.compile(self._time_step, dynamic=False)
             time_step = self._compiled["step"]
+        # Read once per sequence, and outside the compiled step (Dynamo does not touch RNN modules).
+        weights = None if self.rnn_type == "ff" else [rnn_weights(c) for c in self.controllers]
         features, views = [], []
         for x_t in x:
             feature, controller_hidden, memories, reads, step = time_step(
-                x_t, controller_hidden, memories, reads, pass_through_memory
+                x_t, weights, controller_hidden, memories, reads, pass_through_memory
             )
             features.append(feature)
             if want_views and pass_through_memory:
                 views.append(_view_of_first_sample(step.state, step.interface))
         return torch.stack(features), controller_hidden, memories, reads, views
 
-    def _time_step(self, x_t: torch.Tensor, controller_hidden: list, memories: list, reads: torch.Tensor,
-                   pass_through_memory: bool):
-        """One time step through every layer: x_t [B, I] -> feature [B, C + R*W], new state, last memory step."""
+    def _time_step(self, x_t: torch.Tensor, weights: Optional[list], controller_hidden: list, memories: list,
+                   reads: torch.Tensor, pass_through_memory: bool):
+        """One time step through every layer: x_t [B, I] -> feature [B, C + R*W], new state, last memory step.
+
+        weights: per layer, the recurrent controller's (W_ih, W_hh, b_ih, b_hh) per hidden layer
+        (``controller.rnn_weights``), or None for feed-forward controllers.
+        """
         controller_hidden, memories = list(controller_hidden), list(memories)
         layer_input = torch.cat([x_t, reads], dim=-1)
         step = None
-        for layer, controller in enumerate(self.controllers):
-            hidden, controller_hidden[layer] = controller_step(controller, layer_input, controller_hidden[layer])
+        dropout = self.dropout if self.training else 0.0
+        for layer in range(len(controller_hidden)):
+            if weights is None:
+                hidden, controller_hidden[layer] = self.controllers[layer](layer_input)
+            else:
+                hidden, controller_hidden[layer] = rnn_step(self.rnn_type, weights[layer], layer_input,
+                                                            controller_hidden[layer], dropout, self.nonlinearity)
             if self.clip:
                 # pytorch-dnc's `clip`: bound the controller output that feeds the interface.
                 hidden = hidden.clamp(-self.clip, self.clip)
