@@ -22,10 +22,10 @@ deterministic and is what grows as B·N²·T.
 
 Implementations are named on the command line (``--impls``): ``pytorch-dnc``, ``dnc_lab``,
 ``dnc_lab+fused`` (dnc_lab with ``DNC(fused_link=k)``: the link matrix from ``dnc_lab.fused``; option
-``checkpoint_every``), ``dnc_lab+compile`` (memory step compiled), ``dnc_lab+compile_step``
-(whole time step compiled; options ``lstm_cell``, ``fused``), each with constructor overrides after a colon, e.g.
+``checkpoint_every``), ``dnc_lab+compile`` (memory step compiled), each with constructor overrides
+after a colon, e.g. ``dnc_lab:compile_step=true`` (the whole time step compiled),
 ``dnc_lab:checkpoint_steps=8`` or ``dnc_lab+fused:checkpoint_every=4`` (several options: colons,
-``dnc_lab+compile_step:lstm_cell=true:fused=true``).
+``dnc_lab:compile_step=true:fused_link=8``).
 
 pytorch-dnc 1.1.0 is installed from its wheel (``pip install -e ".[bench]"``). Its wheel
 requires ``flann``, whose pure-Python wheel installs fine but cannot load the native FLANN
@@ -92,7 +92,7 @@ CONFIGS = {
 # Implementations
 
 
-IMPLS = ("pytorch-dnc", "dnc_lab", "dnc_lab+fused", "dnc_lab+compile", "dnc_lab+compile_step")
+IMPLS = ("pytorch-dnc", "dnc_lab", "dnc_lab+fused", "dnc_lab+compile")
 
 
 def parse_impl(spec: str) -> tuple[str, dict]:
@@ -137,15 +137,11 @@ def build_model(spec: str, cfg: Config, device: torch.device) -> torch.nn.Module
         if device.type == "cuda":
             kwargs["gpu_id"] = device.index or 0
         checkpoint_every = overrides.pop("checkpoint_every", 8)
-        lstm_cell = overrides.pop("lstm_cell", False)
-        use_fused = overrides.pop("fused", False)
         if name == "dnc_lab+fused":
             overrides["fused_link"] = checkpoint_every  # DNC(fused_link=k): the fused link matrix
         model = DNC(**kwargs, **overrides)
         if name == "dnc_lab+compile":
             use_compiled_memory_step(model)
-        elif name == "dnc_lab+compile_step":
-            use_compiled_time_step(model, lstm_cell, use_fused, checkpoint_every)
     return model.to(device)
 
 
@@ -170,80 +166,6 @@ def use_compiled_memory_step(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, MemoryAccess):
             module.forward = types.MethodType(forward, module)
-
-
-def lstm_weights(lstm: torch.nn.LSTM) -> list[tuple[torch.Tensor, ...]]:
-    """(W_ih, W_hh, b_ih, b_hh) per layer of an ``nn.LSTM``."""
-    return [tuple(getattr(lstm, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-            for layer in range(lstm.num_layers)]
-
-
-def lstm_step(weights: list, x: torch.Tensor, hidden: tuple) -> tuple:
-    """One time step of a multi-layer ``nn.LSTM`` written out (same weights, same maths).
-
-    weights from ``lstm_weights``; x [B, in], hidden (h, c) each [layers, B, H] -> output [B, H],
-    (h, c). Plain addmm and point-wise ops, which torch.compile can fuse (Dynamo does not trace
-    into nn.LSTM at all, not even to read its weights: pass them in).
-    """
-    h0, c0 = hidden
-    hs, cs = [], []
-    for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
-        gates = torch.addmm(b_ih + b_hh, x, w_ih.t())
-        gates = torch.addmm(gates, h0[layer], w_hh.t())
-        i, f, g, o = gates.chunk(4, dim=1)
-        c = torch.sigmoid(f) * c0[layer] + torch.sigmoid(i) * torch.tanh(g)
-        x = torch.sigmoid(o) * torch.tanh(c)
-        hs.append(x)
-        cs.append(c)
-    return x, (torch.stack(hs), torch.stack(cs))
-
-
-def use_compiled_time_step(model: torch.nn.Module, lstm_cell: bool = False, use_fused: bool = False,
-                           checkpoint_every: int = 8) -> None:
-    """Experiment: compile one whole time step (controller + clip + memory), static shapes.
-
-    The compiled graph is the same for every time step, so it compiles once per (batch, sizes),
-    whatever the sequence length. One controller layer, shared memory (the benchmark configs).
-    """
-    import types
-
-    from dnc_lab import memory
-
-    for core in model.cores:
-        if len(core.controllers) != 1 or len(core.memories) != 1:
-            raise SystemExit("dnc_lab+compile_step: only num_layers=1 with one memory")
-        controller, access = core.controllers[0], core.memories[0]
-
-        def time_step(x_t, reads, hidden, state, weights, core=core, controller=controller, access=access):
-            if lstm_cell:
-                output, hidden = lstm_step(weights, torch.cat([x_t, reads], dim=-1), hidden)
-            else:
-                output, hidden = controller(torch.cat([x_t, reads], dim=-1).unsqueeze(0), hidden)
-                output = output.squeeze(0)
-            if core.clip:
-                output = output.clamp(-core.clip, core.clip)
-            read_vectors, state = memory.memory_step(state, access.interface_from(output),
-                                                     checkpoint_every if use_fused else 0)
-            reads = read_vectors.flatten(1)
-            return torch.cat([output, reads], dim=-1), reads, hidden, state
-
-        compiled = torch.compile(time_step, dynamic=False)
-
-        def steps(self, x, controller_hidden, memories, reads, pass_through_memory, want_views, compiled=compiled,
-                  controller=controller):
-            hidden = controller_hidden[0]
-            if hidden is None:
-                zeros = x.new_zeros(controller.num_layers, x.shape[1], controller.hidden_size)
-                hidden = (zeros, zeros.clone())
-            state = memories[0]
-            features = []
-            weights = lstm_weights(controller) if lstm_cell else None
-            for x_t in x:
-                feature, reads, hidden, state = compiled(x_t, reads, hidden, state, weights)
-                features.append(feature)
-            return torch.stack(features), [hidden], [state], reads, []
-
-        core._steps = types.MethodType(steps, core)
 
 
 def make_batch(cfg: Config, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -608,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{k} ({c.describe()})" for k, c in CONFIGS.items()))
     p.add_argument("--impls", default="pytorch-dnc,dnc_lab",
                    help="comma-separated; the first is the baseline of the ratios. "
-                        "Options after colons, e.g. dnc_lab+compile_step:lstm_cell=true:fused=true")
+                        "Options after colons, e.g. dnc_lab:compile_step=true:fused_link=8")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per config (default 15, --quick 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 2, --quick 1)")
     p.add_argument("--quick", action="store_true", help="a short run: few repeats, batch capped at 8")
