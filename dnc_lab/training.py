@@ -32,6 +32,7 @@ from dnc_lab import runs
 from dnc_lab.config import Config, TrainConfig
 from dnc_lab.dnc import DNC
 from dnc_lab.tasks import Curriculum, make_task
+from dnc_lab.viz import eventlog
 from dnc_lab.viz.dashboard import Dashboard
 
 CHECKPOINT_VERSION = 1
@@ -332,6 +333,7 @@ def _train(run_dir: Path, cfg: Config, device: torch.device, resume: bool, progr
             echo("warning: resumed on another kind of device; the data stream continues from a new seed, "
                  "so the run will not match an uninterrupted one exactly")
         runs.truncate_metrics(run_dir, step)
+        eventlog.truncate(run_dir / eventlog.LOG_NAME, step)
         echo(f"resuming {run_dir.name} at step {step} of {tc.steps}")
 
     def checkpoint() -> Optional[Path]:

@@ -15,6 +15,7 @@ import yaml
 
 from dnc_lab import runs, training
 from dnc_lab.config import TrainConfig, config_from_dict, save_config
+from dnc_lab.viz import eventlog
 from dnc_lab.training import (TFRMSprop, TrainingError, bit_errors, build_optimizer, guarded_step, masked_bce,
                               parse_lengths)
 
@@ -173,12 +174,15 @@ def _wait_for_checkpoint(run_dir: Path, proc, at_least: int, timeout: float = 12
 
 
 @pytest.mark.slow
-def test_resume_after_kill_9_ends_exactly_like_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_after_kill_9_ends_exactly_like_an_uninterrupted_run(tmp_path, monkeypatch, dead_port):
     root = tmp_path / "experiments"
     monkeypatch.setenv("DNCLAB_EXPERIMENTS", str(root))
     config = tmp_path / "tiny.yaml"
-    # A long run (so that it is surely still running when killed), killed after its step-20 checkpoint.
-    config.write_text(yaml.safe_dump(tiny(steps=100_000, summarize_freq=5, check_freq=10)))
+    # A long run (so that it is surely still running when killed), killed after its step-20
+    # checkpoint; it streams to a dashboard with no server, so its event log is written too.
+    killed_config = tiny(steps=100_000, summarize_freq=5, check_freq=10)
+    killed_config["viz"] = {"enabled": True, "port": dead_port}
+    config.write_text(yaml.safe_dump(killed_config))
     proc = _train_cli(["train", str(config), "--run-id", "killed", "--no-progress"], root)
     _wait_for_checkpoint(root / "killed", proc, 20)
     proc.send_signal(signal.SIGKILL)
@@ -190,7 +194,11 @@ def test_resume_after_kill_9_ends_exactly_like_an_uninterrupted_run(tmp_path, mo
     from dnc_lab.cli import main
     table = CliRunner().invoke(main, ["runs"]).output.splitlines()
     assert [table[1].split()[i] for i in (0, 3)] == ["killed", "dead"]  # `dnclab runs` sees the process is gone
-    killed_at = runs.list_checkpoints(root / "killed")[-1][0]
+    # Drop the newest checkpoint: the run now resumes from one taken summaries before the kill, as
+    # if it had died just before writing the next one, so its metrics and event log run ahead.
+    *_, (older, _), (_, newest) = runs.list_checkpoints(root / "killed")
+    newest.unlink()
+    killed_at = older
 
     final = killed_at + 15
     resumed = _train_cli(["resume", "killed", "--steps", str(final), "--no-progress"], root)
@@ -206,6 +214,11 @@ def test_resume_after_kill_9_ends_exactly_like_an_uninterrupted_run(tmp_path, mo
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("time", "steps_per_s")} for r in rows]  # noqa
     assert strip(a) == strip(b)  # every summary, including the ones after the kill
     assert [r["step"] for r in a] == list(range(5, final + 1, 5))
+    # the event log holds each summary once: what the killed process logged after its checkpoint is gone
+    events = eventlog.read_events(root / "killed" / eventlog.LOG_NAME)
+    training_curve = [e["step"] for e in events if e["kind"] == "scalars" and "loss" in e["values"]]
+    snapshots = [e["step"] for e in events if e["kind"] == "snapshot"]
+    assert training_curve == snapshots == list(range(5, final + 1, 5))
     ma, mb = runs.load_checkpoint(root / "killed")["model"], runs.load_checkpoint(run_dir)["model"]
     assert all(torch.equal(ma[k], mb[k]) for k in mb)
 

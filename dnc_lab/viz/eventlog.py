@@ -119,6 +119,19 @@ class EventLog:
             self._file.close()
 
 
+def truncate(path: Path, step: int) -> None:
+    """Drop the events after ``step`` (atomically): a run resumed from its checkpoint at ``step``
+    logs them again, and a replay must not show them twice."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = [e for e in read_events(path) if e["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(e, separators=(",", ":"), allow_nan=False) + "\n" for e in kept),
+                   encoding="utf-8")
+    tmp.replace(path)
+
+
 def read_events(path: Path) -> list[dict]:
     """Events of a log in order. A last line cut short (a run still writing) is skipped; a bad
     line elsewhere raises ValueError naming the file and line."""
