@@ -217,3 +217,24 @@ def test_figures_for_several_read_and_write_heads():
                      "free, read head 0", "free, read head 1", "free, read head 2"]
     # link-1 is write head 1's matrix, not head 0's
     assert np.allclose(figures["link-1"]["data"][0]["z"], event["views"]["link_matrix"][1])
+
+
+def test_a_large_link_matrix_is_max_pooled_for_display():
+    from dnc_lab.viz.figures import snapshot_figures
+
+    n = 600  # more than LINK_SIDE_MAX cells: blocks of 3 slots, 200 × 200
+    dims = {"nr_cells": n, "cell_size": 2, "read_heads": 1, "num_writes": 1}
+    views = random_views(np.random.default_rng(3), 2, dims)
+    link = np.zeros((2, n, n))
+    link[-1, 599, 3] = 0.9  # slot 599 written right after slot 3, at the last step
+    views["link_matrix"] = link.reshape(2, n * n)
+    event = eventlog.snapshot_event(1, 0.5, views, dims, np.ones((2, 2)), np.ones((2, 2)), np.ones((2, 2)),
+                                    np.ones(2))
+    pooled = np.asarray(event["views"]["link_matrix"])
+    assert pooled.shape == (1, 200, 200) and event["dims"]["link_block"] == 3
+    assert pooled[0, 199, 1] == 0.9 and pooled.sum() == 0.9  # the link survives pooling, nothing else appears
+    figure = {body["win"]: body for _, body in snapshot_figures("big", event)}["link-0"]
+    assert "max over 3×3 slots" in json.dumps(figure, ensure_ascii=False)
+    small = eventlog.snapshot_event(1, 0.5, random_views(np.random.default_rng(4), 2, MODEL_DIMS), MODEL_DIMS,
+                                    np.ones((2, 2)), np.ones((2, 2)), np.ones((2, 2)), np.ones(2))
+    assert "link_block" not in small["dims"] and np.asarray(small["views"]["link_matrix"]).shape == (1, N, N)

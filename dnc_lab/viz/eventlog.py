@@ -61,6 +61,23 @@ def _view(views: dict, key: str, *shape: int) -> np.ndarray | None:
     return None if key not in views else np.asarray(views[key]).reshape(shape)
 
 
+LINK_SIDE_MAX = 256
+
+
+def pool_link(link: np.ndarray, side: int = LINK_SIDE_MAX) -> tuple[np.ndarray, int]:
+    """[H, N, N] -> ([H, M, M], f): the maximum over f×f blocks of slots, f the smallest block that
+    gives M = ceil(N / f) <= side (f = 1: unchanged). A 1024-cell link matrix would put a million
+    numbers into every snapshot, swamping the log and the browser; the maximum keeps every link visible."""
+    h, n, _ = link.shape
+    f = -(-n // side)
+    if f == 1:
+        return link, 1
+    m = -(-n // f)
+    padded = np.zeros((h, m * f, m * f), dtype=link.dtype)
+    padded[:, :n, :n] = link
+    return padded.reshape(h, m, f, m, f).max(axis=(2, 4)), f
+
+
 def snapshot_event(step: int, loss: float, views: dict[str, np.ndarray], dims: dict[str, int],
                    inputs: np.ndarray, targets: np.ndarray, outputs: np.ndarray,
                    mask: np.ndarray) -> dict:
@@ -68,15 +85,18 @@ def snapshot_event(step: int, loss: float, views: dict[str, np.ndarray], dims: d
 
     `views` are the DNC's debug views, one row per time step, flattened as the model reports
     them (memory [T, N*W], link_matrix [T, Wh*N*N], ...); `dims` gives N, W, R and Wh to unflatten.
-    Memory and link matrix are kept at the last step only: they are shown as [N x W] and [N x N].
+    Memory and link matrix are kept at the last step only: they are shown as [N x W] and [N x N]
+    (a link matrix of more than LINK_SIDE_MAX cells max-pooled, see pool_link; dims["link_block"]
+    then gives the block size).
     """
     n, w = int(dims["nr_cells"]), int(dims["cell_size"])
     r, wh = int(dims["read_heads"]), int(dims.get("num_writes", 1))
     memory = _view(views, "memory", -1, n, w)
     link = _view(views, "link_matrix", -1, wh, n, n)
+    link, block = (None, 1) if link is None else pool_link(link[-1])
     shaped = {
         "memory": None if memory is None else memory[-1],            # [N, W]
-        "link_matrix": None if link is None else link[-1],           # [Wh, N, N]
+        "link_matrix": link,                                         # [Wh, N, N] (or pooled)
         "precedence": _view(views, "precedence", -1, wh, n),         # [T, Wh, N]
         "write_weights": _view(views, "write_weights", -1, wh, n),   # [T, Wh, N]
         "read_weights": _view(views, "read_weights", -1, r, n),      # [T, R, N]
@@ -89,7 +109,8 @@ def snapshot_event(step: int, loss: float, views: dict[str, np.ndarray], dims: d
     return {
         "kind": "snapshot", "step": int(step), "time": round(time.time(), 3),
         "loss": _scalar(loss),
-        "dims": {"nr_cells": n, "cell_size": w, "read_heads": r, "num_writes": wh},
+        "dims": {"nr_cells": n, "cell_size": w, "read_heads": r, "num_writes": wh,
+                 **({"link_block": block} if block > 1 else {})},
         "views": {k: _rounded(v) for k, v in shaped.items() if v is not None},
         "inputs": _rounded(inputs), "targets": _rounded(targets),
         "outputs": _rounded(outputs), "mask": _rounded(np.asarray(mask).reshape(-1)),

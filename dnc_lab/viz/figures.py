@@ -129,10 +129,13 @@ def snapshot_figures(env: str, event: dict) -> list[Message]:
     for h in range(views["precedence"].shape[1] if "precedence" in views else 0):
         heatmap(f"precedence-{h}", views["precedence"][:, h, :].T,
                 f"precedence, write head {h}", "time step", "slot")
+    block = event["dims"].get("link_block", 1)
+    pooled = f" (max over {block}×{block} slots)" if block > 1 else ""
+    unit = f"block of {block} slots" if block > 1 else "slot"
     for h in range(views["link_matrix"].shape[0] if "link_matrix" in views else 0):
         heatmap(f"link-{h}", views["link_matrix"][h],
-                f"link matrix L[i, j], write head {h}, last step",
-                "slot j (written before)", "slot i (written after)")
+                f"link matrix L[i, j], write head {h}, last step{pooled}",
+                f"{unit} j (written before)", f"{unit} i (written after)")
 
     gates = _gate_traces(views)
     if gates:
