@@ -186,7 +186,7 @@ def _view_of_first_sample(state: MemoryState, interface) -> dict[str, torch.Tens
 
 
 def _stack_views(views: list[dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
-    """A list of per-step rows -> one [T, width] numpy array per key (one device sync)."""
+    """A list of per-step rows -> one [T, width] numpy array per key (copied to the host once, at the end)."""
     if not views:
         return {}
     return {key: torch.stack([v[key] for v in views]).float().cpu().numpy() for key in views[0]}
