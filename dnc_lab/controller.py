@@ -42,7 +42,8 @@ class FeedForwardController(nn.Module):
 
 def make_controller(rnn_type: str, input_size: int, hidden_size: int, num_layers: int, bias: bool,
                     nonlinearity: str, dropout: float) -> nn.Module:
-    """The module holding a controller's parameters; step it with :func:`controller_step`."""
+    """The module holding a controller's parameters: a feed-forward one is called on one step;
+    a recurrent one is stepped with :func:`rnn_step` from :func:`rnn_weights`."""
     if rnn_type == "ff":
         return FeedForwardController(input_size, hidden_size, num_layers, bias, nonlinearity, dropout)
     kwargs = dict(num_layers=num_layers, bias=bias, dropout=dropout if num_layers > 1 else 0.0)
@@ -60,17 +61,6 @@ def rnn_weights(rnn: nn.RNNBase) -> list[tuple[torch.Tensor, ...]]:
     """
     names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
     return [tuple(getattr(rnn, f"{name}_l{layer}", None) for name in names) for layer in range(rnn.num_layers)]
-
-
-def controller_step(controller: nn.Module, x: torch.Tensor, hidden: Hidden) -> tuple[torch.Tensor, Hidden]:
-    """One time step of any controller module: x [B, in], hidden (torch's format, or None for
-    zeros) -> output [B, H], new hidden."""
-    if isinstance(controller, FeedForwardController):
-        return controller(x)
-    kind = "lstm" if isinstance(controller, nn.LSTM) else "gru" if isinstance(controller, nn.GRU) else "rnn"
-    nonlinearity = getattr(controller, "nonlinearity", "tanh")
-    dropout = controller.dropout if controller.training else 0.0
-    return rnn_step(kind, rnn_weights(controller), x, hidden, dropout, nonlinearity)
 
 
 def rnn_step(kind: str, weights: list[tuple[torch.Tensor, ...]], x: torch.Tensor, hidden: Hidden,
