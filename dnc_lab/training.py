@@ -438,15 +438,10 @@ def _train(run_dir: Path, cfg: Config, device: torch.device, resume: bool, progr
                                          signal=stop.received)
                 if result is None and tc.max_seconds is not None and elapsed >= tc.max_seconds:
                     result = TrainResult("max_seconds", step, f"train.max_seconds = {tc.max_seconds} reached")
-    except TrainingError as e:
-        bar.close()
-        runs.write_status(run_dir, status="failed", step=step, message=str(e))
-        if dash is not None:
-            dash.close()
-        raise
     except BaseException as e:
         bar.close()
-        runs.write_status(run_dir, status="failed", step=step, message=f"{type(e).__name__}: {e}")
+        message = str(e) if isinstance(e, TrainingError) else f"{type(e).__name__}: {e}"
+        runs.write_status(run_dir, status="failed", step=step, message=message)
         if dash is not None:
             dash.close()
         raise
