@@ -33,7 +33,7 @@ from dnc_lab.config import Config, TrainConfig
 from dnc_lab.dnc import DNC
 from dnc_lab.tasks import Curriculum, make_task
 from dnc_lab.viz import eventlog
-from dnc_lab.viz.dashboard import Dashboard
+from dnc_lab.viz.dashboard import Dashboard, env_name
 
 CHECKPOINT_VERSION = 1
 
@@ -350,7 +350,7 @@ def _train(run_dir: Path, cfg: Config, device: torch.device, resume: bool, progr
         }
         return runs.save_checkpoint(run_dir, step, payload, tc.keep_checkpoints)
 
-    env = cfg.viz.env or run_dir.name.replace("_", "-")
+    env = env_name(cfg.viz.env or run_dir.name)  # the env `dnclab viz` replays into by default
     dash = None
     if cfg.viz.enabled:
         dash = Dashboard(run_dir, env=env, server=cfg.viz.server, port=cfg.viz.port, enabled=True,
