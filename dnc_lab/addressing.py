@@ -83,8 +83,11 @@ def allocation_weighting(usage_vector: torch.Tensor) -> torch.Tensor:
     The least-used cell gets weight 1 - u; each following cell gets what the cells before it
     leave over, so a fully used memory (u = 1 everywhere) allocates nothing. Gradients flow
     through the sorted values, not through the (discrete) sort order, as in the paper.
+
+    Ties (an empty memory is all ties) go to the lowest-numbered cell first, as with
+    deepmind/dnc's top_k: a stable sort, so every device and the native step agree.
     """
-    sorted_usage, order = torch.sort(usage_vector, dim=-1)
+    sorted_usage, order = torch.sort(usage_vector, dim=-1, stable=True)
     # Exclusive cumulative product: the first cell in the free list has nothing before it.
     ones = torch.ones_like(sorted_usage[..., :1])
     before = torch.cumprod(torch.cat([ones, sorted_usage[..., :-1]], dim=-1), dim=-1)
