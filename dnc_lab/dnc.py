@@ -20,6 +20,7 @@ Differences from pytorch-dnc 1.1.0, all deliberate (see README):
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import numpy as np
@@ -27,11 +28,13 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from dnc_lab import native, sequence
 from dnc_lab.controller import make_controller, rnn_step, rnn_weights
 from dnc_lab.memory import STATE_KEYS, MemoryAccess, MemoryState
 
 RNN_TYPES = ("lstm", "gru", "rnn", "ff")
 NONLINEARITIES = ("tanh", "relu")
+_NATIVE_WARNED: set[str] = set()  # why native=True fell back, said once per process
 
 
 class DNCCore(nn.Module):
@@ -45,8 +48,9 @@ class DNCCore(nn.Module):
     def __init__(self, input_size: int, hidden_size: int, rnn_type: str, num_layers: int, num_hidden_layers: int,
                  bias: bool, dropout: float, nr_cells: int, read_heads: int, cell_size: int, nonlinearity: str,
                  independent_linears: bool, share_memory: bool, clip: float, num_writes: int, fused_link: int,
-                 compile_step: bool = False):
+                 compile_step: bool = False, native: bool = False):
         super().__init__()
+        self.native = native
         self.rnn_type = rnn_type
         self.nonlinearity = nonlinearity
         self.compile_step = compile_step
@@ -62,7 +66,8 @@ class DNCCore(nn.Module):
             for layer in range(num_layers)
         )
         self.memories = nn.ModuleList(
-            MemoryAccess(hidden_size, nr_cells, cell_size, read_heads, num_writes, independent_linears, fused_link)
+            MemoryAccess(hidden_size, nr_cells, cell_size, read_heads, num_writes, independent_linears, fused_link,
+                         native)
             for _ in range(1 if share_memory else num_layers)
         )
 
@@ -94,6 +99,12 @@ class DNCCore(nn.Module):
         """
         steps, batch = x.shape[0], x.shape[1]
         controller_hidden, memories, reads = self.initial_state(hx, batch, x, reset_experience)
+        if self._sequence_applies(x, pass_through_memory, want_views):
+            # Its backward recomputes only link matrices, from every checkpoint_steps-th one.
+            features, controller_hidden, memories, reads = self._native_sequence(
+                x, list(controller_hidden), list(memories), reads, checkpoint_steps or 1)
+            memory_out = memories[0] if self.share_memory else memories
+            return features, (controller_hidden, memory_out, reads), None
         chunk = checkpoint_steps if checkpoint_steps and torch.is_grad_enabled() and not want_views else steps
         features, views = [], []
         for start in range(0, steps, chunk):
@@ -123,18 +134,63 @@ class DNCCore(nn.Module):
             time_step = self._compiled["step"]
         # Read once per sequence, and outside the compiled step (Dynamo does not touch RNN modules).
         weights = None if self.rnn_type == "ff" else [rnn_weights(c) for c in self.controllers]
+        # The views show the parsed interface, which only the reference memory step returns.
+        reference = want_views or not self._native_here(x)
         features, views = [], []
         for x_t in x:
             feature, controller_hidden, memories, reads, step = time_step(
-                x_t, weights, controller_hidden, memories, reads, pass_through_memory
+                x_t, weights, controller_hidden, memories, reads, pass_through_memory, reference
             )
             features.append(feature)
             if want_views and pass_through_memory:
                 views.append(_view_of_first_sample(step.state, step.interface))
         return torch.stack(features), controller_hidden, memories, reads, views
 
+    def _sequence_applies(self, x: torch.Tensor, pass_through_memory: bool, want_views: bool) -> bool:
+        """Whether ``_native_sequence`` computes this call: one DNC layer with an LSTM controller, no
+        dropout, not compiled, no views, and the native memory step available."""
+        return (self.rnn_type == "lstm" and len(self.controllers) == 1 and pass_through_memory and not want_views
+                and not self.compile_step and not (self.training and self.dropout) and self._native_here(x))
+
+    def _native_sequence(self, x: torch.Tensor, controller_hidden: list, memories: list, reads: torch.Tensor,
+                         link_every: int):
+        """The recurrence for ``_sequence_applies``, in dnc_lab.sequence (same values): features [T, B, C + R*W],
+        then the state after the last step (controller hidden, memories, reads)."""
+        rnn = self.controllers[0]
+        if controller_hidden[0] is None:
+            zeros = x.new_zeros(rnn.num_layers, x.shape[1], rnn.hidden_size)
+            controller_hidden[0] = (zeros, zeros)
+        h0, c0 = controller_hidden[0]
+        access = self.memories[0]
+        if access.independent_linears:
+            fields = list(access.fields.values())
+            interface = (torch.cat([f.weight for f in fields]), torch.cat([f.bias for f in fields]))
+        else:
+            interface = (access.interface.weight, access.interface.bias)
+        weights = sequence.Weights(rnn_weights(rnn), *interface)
+        state = [memories[0][key] for key in STATE_KEYS]
+        features, h_t, c_t, reads, state = sequence.run(x, h0, c0, reads, state, weights, self.clip, link_every)
+        return features, [(h_t, c_t)], [MemoryState(zip(STATE_KEYS, state))], reads
+
+    def _native_here(self, x: torch.Tensor) -> bool:
+        """Whether the native memory step can run on x's device and dtype; warns once when it cannot."""
+        if not self.native:
+            return False
+        reason = None
+        if self.memories[0].num_writes != 1:
+            reason = f"it supports one write head, not num_writes={self.memories[0].num_writes}"
+        elif x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+            reason = f"it runs on CPU float32/float64 tensors, not {x.device.type} {x.dtype}"
+        else:
+            ok, why = native.available()
+            reason = None if ok else why
+        if reason is not None and reason not in _NATIVE_WARNED:
+            _NATIVE_WARNED.add(reason)
+            warnings.warn(f"native=True: using the reference memory step, because {reason}", stacklevel=4)
+        return reason is None
+
     def _time_step(self, x_t: torch.Tensor, weights: Optional[list], controller_hidden: list, memories: list,
-                   reads: torch.Tensor, pass_through_memory: bool):
+                   reads: torch.Tensor, pass_through_memory: bool, reference: bool = True):
         """One time step through every layer: x_t [B, I] -> feature [B, C + R*W], new state, last memory step.
 
         weights: per layer, the recurrent controller's (W_ih, W_hh, b_ih, b_hh) per hidden layer
@@ -155,7 +211,7 @@ class DNCCore(nn.Module):
                 hidden = hidden.clamp(-self.clip, self.clip)
             if pass_through_memory:
                 slot = 0 if self.share_memory else layer
-                step = self.memories[slot](hidden, memories[slot])
+                step = self.memories[slot](hidden, memories[slot], reference)
                 memories[slot] = step.state
                 reads = step.read_vectors.flatten(1)  # [B, R*W]
             layer_input = torch.cat([hidden, reads], dim=-1)
@@ -227,6 +283,7 @@ class DNC(nn.Module):
         checkpoint_steps: int = 0,
         fused_link: int = 0,
         compile_step: bool = False,
+        native: bool = False,
     ):
         super().__init__()
         rnn_type = rnn_type.lower() if isinstance(rnn_type, str) else rnn_type
@@ -254,11 +311,12 @@ class DNC(nn.Module):
         self.checkpoint_steps = checkpoint_steps
         self.fused_link = fused_link
         self.compile_step = compile_step
+        self.native = native
 
         core_args = (input_size, hidden_size, rnn_type, num_layers, num_hidden_layers, bias, dropout, nr_cells,
                      read_heads, cell_size, nonlinearity, independent_linears, share_memory, clip, num_writes, fused_link)
         directions = 2 if bidirectional else 1
-        self.cores = nn.ModuleList(DNCCore(*core_args, compile_step=compile_step) for _ in range(directions))
+        self.cores = nn.ModuleList(DNCCore(*core_args, compile_step=compile_step, native=native) for _ in range(directions))
         self.output = nn.Linear(directions * (hidden_size + read_heads * cell_size), self.output_size)
         self.to(_resolve_device(gpu_id, device))
 
@@ -357,5 +415,8 @@ def _validate(args: dict[str, Any]) -> None:
         value = args[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name}={value!r}: expected an integer >= 0 (0: off)")
+    if args["native"] and args["fused_link"]:
+        raise ValueError(f"native=True replaces fused_link={args['fused_link']} and compile_step={args['compile_step']}: "
+                         "set native=False to use them")
     if args["clip"] < 0:
         raise ValueError(f"clip={args['clip']!r}: expected >= 0 (0 disables clipping)")

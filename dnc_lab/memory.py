@@ -15,13 +15,13 @@ dict around as ``hx[1]``, keeps working. Its keys and shapes:
 
 from __future__ import annotations
 
-from typing import NamedTuple, TypedDict
+from typing import NamedTuple, Optional, TypedDict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dnc_lab import addressing, fused
+from dnc_lab import addressing, fused, native
 
 
 class MemoryState(TypedDict):
@@ -56,7 +56,7 @@ class MemoryStep(NamedTuple):
 
     read_vectors: torch.Tensor  # [B, R, W]
     state: MemoryState
-    interface: Interface
+    interface: Optional[Interface]  # None from the native step, which does not return it
 
 
 def interface_sizes(cell_size: int, read_heads: int, num_writes: int) -> dict[str, int]:
@@ -192,9 +192,11 @@ class MemoryAccess(nn.Module):
         num_writes: int = 1,
         independent_linears: bool = False,
         fused_link: int = 0,
+        native: bool = False,
     ):
         super().__init__()
         self.fused_link = fused_link
+        self.native = native
         self.nr_cells = nr_cells
         self.cell_size = cell_size
         self.read_heads = read_heads
@@ -220,8 +222,22 @@ class MemoryAccess(nn.Module):
             raw = dict(zip(self.sizes, torch.split(flat, list(self.sizes.values()), dim=-1)))
         return parse_interface(raw, self.cell_size, self.read_heads, self.num_writes)
 
-    def forward(self, controller_output: torch.Tensor, state: MemoryState) -> MemoryStep:
-        """controller_output [B, input_size], state -> MemoryStep(read_vectors [B, R, W], new state, interface)."""
+    def raw_interface(self, controller_output: torch.Tensor) -> torch.Tensor:
+        """controller_output [B, input_size] -> the raw interface vector [B, S], fields in ``sizes`` order."""
+        if self.independent_linears:
+            return torch.cat([layer(controller_output) for layer in self.fields.values()], dim=-1)
+        return self.interface(controller_output)
+
+    def forward(self, controller_output: torch.Tensor, state: MemoryState, reference: bool = False) -> MemoryStep:
+        """controller_output [B, input_size], state -> MemoryStep(read_vectors [B, R, W], new state, interface).
+
+        With ``native`` the step runs in dnc_lab.native (same values) and ``interface`` is None,
+        unless ``reference`` asks for the reference path (the debug views show the gates; the
+        native step runs on the CPU only).
+        """
+        if self.native and not reference:
+            read_vectors, new_state = native.memory_step(state, self.raw_interface(controller_output))
+            return MemoryStep(read_vectors, MemoryState(**new_state), None)
         interface = self.interface_from(controller_output)
         read_vectors, new_state = memory_step(state, interface, self.fused_link)
         return MemoryStep(read_vectors, new_state, interface)

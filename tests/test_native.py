@@ -1,0 +1,270 @@
+"""The native paths against the reference path: the memory step (dnc_lab/native.py,
+csrc/kernels.cpp) and the whole LSTM-controlled sequence with hand-written BPTT (dnc_lab/sequence.py).
+
+The issue's ground rule: the fast path matches the readable reference to 1e-5, values and
+gradients, on random inputs in float64. In float64 the two agree to rounding (~1e-15), so the
+tolerance here is far tighter than that.
+
+These tests need a C++ compiler; they are skipped only when there is none. A compiler that fails
+to build the source is a failure, not a skip.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from dnc_lab import DNC, native
+from dnc_lab import memory as M
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler (g++) to build the native step")
+
+TOL = dict(rtol=1e-9, atol=1e-11)
+
+
+def random_state(batch, cells, width, heads, dtype=torch.float64, generator=None):
+    """A valid, non-trivial memory state: weightings sum to at most 1, links in [0, 1), zero diagonal."""
+    g = generator
+
+    def softmax(*shape, scale=1.0):
+        return torch.softmax(torch.randn(*shape, generator=g, dtype=dtype), -1) * scale
+
+    link = torch.rand(batch, 1, cells, cells, generator=g, dtype=dtype) / cells
+    link = link * (1 - torch.eye(cells, dtype=dtype))
+    return M.MemoryState(
+        memory=torch.randn(batch, cells, width, generator=g, dtype=dtype),
+        link_matrix=link,
+        precedence=softmax(batch, 1, cells, scale=0.9),
+        read_weights=softmax(batch, heads, cells),
+        write_weights=softmax(batch, 1, cells, scale=0.8),
+        usage_vector=torch.rand(batch, cells, generator=g, dtype=dtype),
+    )
+
+
+def reference_step(raw, state, width, heads):
+    sizes = M.interface_sizes(width, heads, 1)
+    fields = dict(zip(sizes, torch.split(raw, list(sizes.values()), dim=-1)))
+    return M.memory_step(state, M.parse_interface(fields, width, heads, 1))
+
+
+def flatten(reads, state):
+    return (reads,) + tuple(state[key] for key in M.STATE_KEYS)
+
+
+def test_library_builds():
+    ok, why = native.available()
+    assert ok, why
+
+
+@pytest.mark.parametrize(
+    "batch, cells, width, heads",
+    [
+        (3, 7, 5, 2),  # N not a multiple of the 4-row blocks
+        (2, 16, 20, 4),  # pytorch-dnc's copy defaults
+        (2, 9, 3, 1),
+        (2, 70, 6, 3),  # N > 64: the other sort
+    ],
+)
+def test_values_and_gradients_match_reference(batch, cells, width, heads):
+    g = torch.Generator().manual_seed(cells)
+    size = sum(M.interface_sizes(width, heads, 1).values())
+    raw = (3 * torch.randn(batch, size, generator=g, dtype=torch.float64)).requires_grad_()
+    state = {k: v.requires_grad_() for k, v in random_state(batch, cells, width, heads, generator=g).items()}
+    leaves = [raw] + [state[k] for k in M.STATE_KEYS]
+
+    expected = flatten(*reference_step(raw, state, width, heads))
+    got = flatten(*native.memory_step(state, raw))
+    for name, e, o in zip(("reads",) + M.STATE_KEYS, expected, got):
+        assert o.shape == e.shape, name
+        torch.testing.assert_close(o, e, **TOL, msg=name)
+
+    upstream = [torch.randn(e.shape, generator=g, dtype=torch.float64) for e in expected]
+    grads_expected = torch.autograd.grad(expected, leaves, upstream)
+    grads_got = torch.autograd.grad(got, leaves, upstream)
+    for name, e, o in zip(("raw",) + M.STATE_KEYS, grads_expected, grads_got):
+        torch.testing.assert_close(o, e, **TOL, msg=f"gradient of {name}")
+
+
+def test_gradcheck():
+    g = torch.Generator().manual_seed(0)
+    width, heads = 3, 2
+    size = sum(M.interface_sizes(width, heads, 1).values())
+    raw = torch.randn(2, size, generator=g, dtype=torch.float64, requires_grad=True)
+    state = random_state(2, 5, width, heads, generator=g)
+    values = [state[k].requires_grad_() for k in M.STATE_KEYS]
+
+    def step(raw, *values):
+        return flatten(*native.memory_step(dict(zip(M.STATE_KEYS, values)), raw))
+
+    assert torch.autograd.gradcheck(step, (raw, *values))
+
+
+def test_empty_memory_allocates_like_the_reference():
+    """All usages tie at the start: both paths must pick the same (lowest) free cell."""
+    width, heads, cells = 4, 2, 12
+    state = M.initial_state(3, cells, width, heads, 1, dtype=torch.float64)
+    raw = torch.randn(3, sum(M.interface_sizes(width, heads, 1).values()), dtype=torch.float64)
+    raw[:, -3 * heads - 3 : -3 * heads] = 10.0  # free, allocation and write gates open: write by allocation
+    reads_ref, ref = reference_step(raw, state, width, heads)
+    reads, got = native.memory_step(state, raw)
+    assert ref["write_weights"][:, 0].argmax(-1).tolist() == [0, 0, 0]
+    for key in M.STATE_KEYS:
+        torch.testing.assert_close(got[key], ref[key], **TOL, msg=key)
+    torch.testing.assert_close(reads, reads_ref, **TOL)
+
+
+def test_threads_give_the_same_numbers():
+    """B·N² above the threshold runs the batch on several OpenMP threads: same result as one."""
+    g = torch.Generator().manual_seed(1)
+    batch, cells, width, heads = 16, 64, 4, 2
+    raw = torch.randn(batch, sum(M.interface_sizes(width, heads, 1).values()), generator=g, dtype=torch.float64)
+    state = random_state(batch, cells, width, heads, generator=g)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = flatten(*native.memory_step(state, raw))
+        torch.set_num_threads(2)
+        two = flatten(*native.memory_step(state, raw))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+def _pair(seed=0, **kwargs):
+    """The same DNC (same weights) with and without the native step."""
+    torch.manual_seed(seed)
+    reference = DNC(**kwargs).double()
+    fast = DNC(**kwargs, native=True).double()
+    fast.load_state_dict(reference.state_dict())
+    return reference, fast
+
+
+def _loss(output, hx):
+    """Depends on the output and on every part of the final state, so that their gradients are checked too."""
+    (h, c), memory, reads = hx[0][0], hx[1], hx[2]
+    return (output.pow(2).sum() + 0.3 * h.sum() + 0.4 * c.sum() + 0.2 * reads.sum()
+            + sum(0.1 * (i + 1) * memory[key].sin().sum() for i, key in enumerate(M.STATE_KEYS)))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        # whole sequence in dnc_lab.sequence (LSTM, one DNC layer)
+        dict(num_hidden_layers=2),
+        dict(num_hidden_layers=3, bias=False, independent_linears=True, clip=0.2),
+        dict(num_hidden_layers=2, checkpoint_steps=3),  # links recomputed in segments of 3 steps
+        dict(checkpoint_steps=5),
+        # per time step through autograd, memory step native
+        dict(rnn_type="gru", num_layers=2, share_memory=False, independent_linears=True),
+        dict(rnn_type="ff", bidirectional=True, checkpoint_steps=3),
+    ],
+    ids=["lstm", "lstm-3-layers-no-bias-independent-linears-clipped", "lstm-checkpointed-3", "lstm-checkpointed-5",
+         "gru-2-layers", "ff-bidirectional-checkpointed"],
+)
+def test_dnc_native_matches_reference(kwargs):
+    reference, fast = _pair(input_size=5, hidden_size=12, nr_cells=9, cell_size=4, read_heads=3, **kwargs)
+    x_ref = torch.randn(4, 11, 5, dtype=torch.float64, requires_grad=True)
+    x_fast = x_ref.detach().clone().requires_grad_()
+    out_ref, hx_ref = reference(x_ref)
+    out_fast, hx_fast = fast(x_fast)
+    torch.testing.assert_close(out_fast, out_ref, **TOL)
+    if kwargs.get("rnn_type", "lstm") == "lstm":
+        _loss(out_ref, hx_ref).backward()
+        _loss(out_fast, hx_fast).backward()
+    else:
+        out_ref.pow(2).sum().backward()
+        out_fast.pow(2).sum().backward()
+    torch.testing.assert_close(x_fast.grad, x_ref.grad, **TOL)
+    for (name, p_ref), p_fast in zip(reference.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(p_fast.grad, p_ref.grad, **TOL, msg=name)
+
+
+def test_gradients_reach_a_given_initial_state():
+    """Truncated BPTT without detach: the gradient flows into the state passed in as hx."""
+    reference, fast = _pair(input_size=3, hidden_size=8, nr_cells=6, cell_size=4, read_heads=2, num_hidden_layers=2)
+    x = torch.randn(2, 6, 3, dtype=torch.float64)
+    grads = []
+    for model in (reference, fast):
+        _, hx = model(x[:, :3])
+        (h, c), memory, reads = hx[0][0], hx[1], hx[2]
+        leaves = [h, c, reads] + [memory[key] for key in M.STATE_KEYS]
+        leaves = [t.detach().requires_grad_() for t in leaves]
+        state = ([(leaves[0], leaves[1])], dict(zip(M.STATE_KEYS, leaves[3:])), leaves[2])
+        out, _ = model(x[:, 3:], state)
+        grads.append(torch.autograd.grad(out.pow(2).sum(), leaves))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, **TOL)
+
+
+def test_dropout_in_training_uses_the_per_step_path():
+    """The sequence path has no dropout; with dropout in training mode the per-step path runs (and
+    eval mode, where dropout is off, is the sequence path again): same numbers as the reference in eval."""
+    reference, fast = _pair(input_size=3, hidden_size=8, nr_cells=6, cell_size=4, read_heads=2, num_hidden_layers=2,
+                            dropout=0.5)
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    fast.train()
+    out, _ = fast(x)
+    assert out.requires_grad and torch.isfinite(out).all()
+    reference.eval(), fast.eval()
+    torch.testing.assert_close(fast(x)[0], reference(x)[0], **TOL)
+
+
+def test_state_carries_across_calls_like_the_reference():
+    reference, fast = _pair(input_size=3, hidden_size=8, nr_cells=6, cell_size=4, read_heads=2)
+    x = torch.randn(2, 8, 3, dtype=torch.float64)
+    _, hx_ref = reference(x[:, :4])
+    _, hx_fast = fast(x[:, :4])
+    out_ref, _ = reference(x[:, 4:], hx_ref)
+    out_fast, _ = fast(x[:, 4:], hx_fast)
+    torch.testing.assert_close(out_fast, out_ref, **TOL)
+
+
+def test_float32_close_to_float64_reference():
+    reference, fast = _pair(input_size=4, hidden_size=16, nr_cells=32, cell_size=8, read_heads=2)
+    x = torch.randn(3, 10, 4, dtype=torch.float64)
+    expected, _ = reference(x)
+    got, _ = fast.float()(x.float())
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_trace_shows_the_same_run():
+    """trace() needs the parsed interface, so it steps the reference path: same output."""
+    _, fast = _pair(input_size=3, hidden_size=8, nr_cells=6, cell_size=4, read_heads=2)
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    out, _ = fast(x)
+    traced, _, views = fast.trace(x)
+    torch.testing.assert_close(traced, out, **TOL)
+    assert views["write_gate"].shape == (5, 1)
+
+
+def test_falls_back_with_a_warning_where_it_cannot_run(monkeypatch):
+    monkeypatch.setattr(native, "available", lambda: (False, "a test says no"))
+    monkeypatch.setattr("dnc_lab.dnc._NATIVE_WARNED", set())
+    reference, fast = _pair(input_size=3, hidden_size=8, nr_cells=6, cell_size=4, read_heads=2)
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="a test says no"):
+        out, _ = fast(x)
+    torch.testing.assert_close(out, reference(x)[0], rtol=0, atol=0)
+
+
+def test_several_write_heads_fall_back_with_a_warning(monkeypatch):
+    monkeypatch.setattr("dnc_lab.dnc._NATIVE_WARNED", set())
+    model = DNC(input_size=3, hidden_size=8, nr_cells=6, cell_size=4, read_heads=2, num_writes=2, native=True)
+    with pytest.warns(UserWarning, match="num_writes=2"):
+        model(torch.randn(2, 4, 3))
+
+
+def test_native_with_other_fast_paths_is_refused():
+    with pytest.raises(ValueError, match="fused_link=4"):
+        DNC(input_size=3, hidden_size=8, native=True, fused_link=4)
+
+
+def test_no_warning_when_native_runs():
+    _, fast = _pair(input_size=3, hidden_size=8, nr_cells=6, cell_size=4, read_heads=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast(torch.randn(2, 3, 3, dtype=torch.float64))
