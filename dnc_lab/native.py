@@ -170,6 +170,8 @@ def memory_backward(kept: list[torch.Tensor], grads: list[torch.Tensor],
     """kept (from ``memory_forward``), grads of its seven outputs -> grads of raw and the six state tensors.
 
     results: seven contiguous tensors to write them to (shaped like raw and the state); new ones if None.
+    The six state gradients may be the very tensors passed in ``grads`` (each element is read before
+    its result is written), which lets a caller stepping backward through time reuse one set.
     """
     inputs = kept[:7]
     memory = inputs[1]

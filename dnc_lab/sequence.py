@@ -98,17 +98,17 @@ def _lstm_backward(act, c_prev, tanh_c, grad_h, grad_c, grad_gates) -> torch.Ten
     return grad_cell * f
 
 
-def _incoming_link(flat_kept, per_step: int, t: int, every: int, segment: list[torch.Tensor]) -> torch.Tensor:
+def _incoming_link(kept_memory: list, t: int, every: int, segment: list[torch.Tensor]) -> torch.Tensor:
     """L_{t-1} for a step whose incoming link was not kept, from its segment's checkpoint.
 
     Backward visits a segment's steps last to first; at its last step (the first visited) the
     segment's links L_s .. L_{e-2} are recomputed into ``segment``, which the others then read.
     """
     start = t - t % every
-    if t == min(start + every, len(flat_kept) // per_step) - 1:  # the first visit to this segment
-        link = flat_kept[start * per_step + 2]  # L_{start-1}, the checkpoint
+    if t == min(start + every, len(kept_memory)) - 1:  # the first visit to this segment
+        link = kept_memory[start][2]  # L_{start-1}, the checkpoint
         for u in range(start, t):
-            step = flat_kept[u * per_step:(u + 1) * per_step]
+            step = kept_memory[u]
             # step[3] is p_{u-1}, step[9] the new write weights w^w_u (native.memory_forward's kept)
             link = native.link_forward(link, step[3], step[9], segment[u - start])
     return segment[t - 1 - start]
@@ -183,9 +183,14 @@ class _Sequence(torch.autograd.Function):
 
         ctx.layers, ctx.clip, ctx.steps, ctx.inputs, ctx.link_every = layers, clip, steps, inputs, link_every
         ctx.has_bias = (lstm[0][2] is not None, lstm[0][3] is not None, b_xi is not None)
-        flat_kept = [t for kept in kept_memory for t in kept]
+        # Each step's memory tensors are released as soon as backward has passed that step, so they
+        # are held here rather than by save_for_backward (which keeps everything to the end). The
+        # last step's include this Function's outputs, which must go through save_for_backward.
+        ctx.kept_memory = kept_memory
+        last = kept_memory[-1]
+        kept_memory[-1] = None
         ctx.save_for_backward(x, w_ih0, w_xi, tops, features, interfaces, *recurrent, *layer_inputs, *activations,
-                              *cells, *cell_tanhs, *flat_kept)
+                              *cells, *cell_tanhs, *last)
         h_t = torch.stack(h)
         c_t = torch.stack([cells[l][steps] for l in range(layers)])
         return (features, h_t, c_t, reads, *memory)
@@ -201,8 +206,8 @@ class _Sequence(torch.autograd.Function):
         activations = saved[at + 2 * layers:at + 3 * layers]
         cells = saved[at + 3 * layers:at + 4 * layers]
         cell_tanhs = saved[at + 4 * layers:at + 5 * layers]
-        flat_kept = saved[at + 5 * layers:]
-        per_step = len(flat_kept) // steps
+        kept_memory = ctx.kept_memory
+        kept_memory[-1] = list(saved[at + 5 * layers:])
         batch, hidden_size = tops.shape[1], tops.shape[2]
         read_size = features.shape[-1] - hidden_size
 
@@ -212,19 +217,23 @@ class _Sequence(torch.autograd.Function):
         grad_c = list(grad_c_t.unbind(0))
         grad_reads = grad_reads_t  # dLoss/dr_t from later steps (here: from the final state)
         grad_memory = list(grad_memory_t)
-        # The memory state's gradients of step t are read only by step t-1: two sets of buffers,
-        # used in turn, instead of new B·N² tensors at every step.
-        spare = [[torch.empty_like(t) for t in flat_kept[1:7]] for _ in range(2)]
-        segment = [torch.empty_like(flat_kept[2]) for _ in range(link_every - 1)]
+        # The memory state's gradients of step t are read only by step t-1, and the kernel may write
+        # its results over the gradients it reads: one set of buffers serves every step.
+        last = kept_memory[-1]
+        cells_n = last[1].shape[1]
+        link_like = last[1].new_empty(batch, 1, cells_n, cells_n)
+        spare = [torch.empty_like(last[1]), torch.empty_like(link_like)] + [torch.empty_like(t) for t in last[3:7]]
+        segment = [torch.empty_like(link_like) for _ in range(link_every - 1)]
         for t in reversed(range(steps)):
-            kept = list(flat_kept[t * per_step:(t + 1) * per_step])
+            kept = list(kept_memory[t])
             if kept[2] is None:
-                kept[2] = _incoming_link(flat_kept, per_step, t, link_every, segment)
+                kept[2] = _incoming_link(kept_memory, t, link_every, segment)
             grad_step_reads = grad_features[t, :, hidden_size:] + grad_reads
-            results = [grad_interfaces[t]] + spare[t % 2]
+            results = [grad_interfaces[t]] + spare
             memory_grads = native.memory_backward(kept, [grad_step_reads.view(kept[4].shape[0], -1, kept[1].shape[-1]),
                                                          *grad_memory], results)
             grad_memory = memory_grads[1:]
+            kept = kept_memory[t] = None  # this step's memory tensors are not needed any more
             grad_hidden = torch.addmm(grad_features[t, :, :hidden_size], memory_grads[0], w_xi)
             if clip:
                 top = tops[t]

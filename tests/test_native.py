@@ -268,3 +268,18 @@ def test_no_warning_when_native_runs():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fast(torch.randn(2, 3, 3, dtype=torch.float64))
+
+
+def test_backward_may_write_over_its_incoming_gradients():
+    """native.memory_backward's results may be the gradient tensors it reads (sequence.py relies on it)."""
+    g = torch.Generator().manual_seed(3)
+    batch, cells, width, heads = 3, 10, 4, 2
+    raw = torch.randn(batch, sum(M.interface_sizes(width, heads, 1).values()), generator=g, dtype=torch.float64)
+    state = random_state(batch, cells, width, heads, generator=g)
+    outputs, kept = native.memory_forward(raw, [state[k] for k in M.STATE_KEYS])
+    grads = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outputs]
+    fresh = native.memory_backward(kept, [t.clone() for t in grads])
+    aliased = [torch.empty_like(raw)] + grads[1:]
+    native.memory_backward(kept, grads, aliased)
+    for a, b in zip(fresh, aliased):
+        assert torch.equal(a, b)

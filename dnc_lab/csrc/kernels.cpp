@@ -494,7 +494,10 @@ void forward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, c
 }
 
 // Backward of forward_one. grad_* inputs are dLoss/d(outputs); writes dLoss/d(inputs) to the
-// g_* outputs (overwriting them). The step runs in reverse: reads, read weights, read content,
+// g_* outputs (overwriting them). The state gradients may alias the grad_* inputs of the same
+// state tensor (native.memory_backward relies on it): grad_M, grad_wr, grad_ww and grad_u are
+// copied before any result is written, grad_p and grad_L are read element by element just before
+// the same element of g_p_prev / g_L_prev is written. The step runs in reverse: reads, read weights, read content,
 // memory write, precedence, link + directional weightings, write weights, write content,
 // allocation, usage, and last the interface nonlinearities.
 template <typename T>
@@ -585,8 +588,9 @@ void backward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, 
         grad_p_dot_prev += grad_p[n] * p_prev[n];
     }
     for (int64_t n = 0; n < N; ++n) {
-        g_p_prev[n] = (T(1) - total_write) * grad_p[n];
-        grad_ww[n] += grad_p[n] - grad_p_dot_prev;
+        const T gp = grad_p[n];  // read once: g_p_prev may be grad_p
+        grad_ww[n] += gp - grad_p_dot_prev;
+        g_p_prev[n] = (T(1) - total_write) * gp;
     }
 
     // Link matrix and directional weightings, one row at a time. With G the gradient of L_t
