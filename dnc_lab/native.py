@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
-FLAGS = ["-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-mprefer-vector-width=512", "-ffast-math"]
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-fPIC", "-shared", "-fopenmp"]
 
 # Below this much work per call (see _threads), starting OpenMP threads costs more than it saves.
 _PARALLEL_MIN_WORK = 1 << 16
@@ -95,6 +95,13 @@ def _build() -> ctypes.CDLL:
         link = getattr(library, f"dnc_link_{suffix}")
         link.restype = None
         link.argtypes = [i64, i64, c_int] + [ptr] * 4
+        for name, pointers in (("lstm_forward", 6), ("lstm_backward", 7)):
+            function = getattr(library, f"dnc_{name}_{suffix}")
+            function.restype = None
+            function.argtypes = [i64, i64] + [ptr] * pointers
+        exp = getattr(library, f"dnc_exp_{suffix}")
+        exp.restype = None
+        exp.argtypes = [i64, ptr, ptr]
     return library
 
 
@@ -193,6 +200,39 @@ def link_forward(prev_link: torch.Tensor, prev_precedence: torch.Tensor, write_w
     b, _, n, _ = prev_link.shape
     _kernel("link", prev_link.dtype)(b, n, _threads(b, n, 0, 0), *map(_pointer, (prev_link, prev_precedence,
                                                                                write_weights, out)))
+    return out
+
+
+def lstm_forward(gates: torch.Tensor, c_prev: torch.Tensor, act: torch.Tensor, c: torch.Tensor,
+                 tanh_c: torch.Tensor) -> torch.Tensor:
+    """The LSTM cell after its matrix products. gates [B, 4H] (pre-activations, torch's i, f, g, o
+    order), c_prev [B, H]; writes σ(i), σ(f), tanh(g), σ(o) to act [B, 4H], c = f c_prev + i g to c
+    and tanh(c) to tanh_c (all contiguous); returns h = o tanh(c) [B, H]."""
+    gates, c_prev = gates.contiguous(), c_prev.contiguous()
+    b, h = c_prev.shape
+    out = torch.empty_like(c_prev)
+    _kernel("lstm_forward", gates.dtype)(b, h, *map(_pointer, (gates, c_prev, act, c, tanh_c, out)))
+    return out
+
+
+def lstm_backward(act: torch.Tensor, c_prev: torch.Tensor, tanh_c: torch.Tensor, grad_h: torch.Tensor,
+                  grad_c: torch.Tensor, grad_gates: torch.Tensor) -> torch.Tensor:
+    """Backward of ``lstm_forward``: writes dLoss/dgates to grad_gates [B, 4H] (contiguous) and
+    returns dLoss/dc_prev [B, H], from dLoss/dh and dLoss/dc of the step's outputs."""
+    grad_h, grad_c = grad_h.contiguous(), grad_c.contiguous()
+    b, h = c_prev.shape
+    grad_c_prev = torch.empty_like(c_prev)
+    _kernel("lstm_backward", act.dtype)(
+        b, h, *map(_pointer, (act, c_prev.contiguous(), tanh_c, grad_h, grad_c, grad_gates, grad_c_prev))
+    )
+    return grad_c_prev
+
+
+def exp(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' vectorised exp, elementwise (exposed for tests/test_native.py)."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _kernel("exp", x.dtype)(x.numel(), _pointer(x), _pointer(out))
     return out
 
 

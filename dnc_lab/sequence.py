@@ -64,40 +64,6 @@ def _linear_sum(bias_a: Optional[torch.Tensor], bias_b: Optional[torch.Tensor]) 
     return bias_a if bias_b is None else bias_a + bias_b
 
 
-def _lstm_forward(gates, c_prev, act, c, tanh_c) -> torch.Tensor:
-    """The LSTM cell after its matrix products: gates [B, 4H] (torch's i, f, g, o), c_prev [B, H].
-
-    Writes the activations σ(i), σ(f), tanh(g), σ(o) to act [B, 4H], c = f c_prev + i g to c and
-    tanh(c) to tanh_c; returns h = o tanh(c). (torch's vectorised sigmoid and tanh: a scalar loop
-    in C++ is slower here.)
-    """
-    size = c_prev.shape[-1]
-    torch.sigmoid(gates, out=act)
-    i, f, g, o = act.split(size, dim=1)
-    torch.tanh(gates[:, 2 * size:3 * size], out=g)
-    torch.mul(f, c_prev, out=c).addcmul_(i, g)
-    torch.tanh(c, out=tanh_c)
-    return o * tanh_c
-
-
-def _lstm_backward(act, c_prev, tanh_c, grad_h, grad_c, grad_gates) -> torch.Tensor:
-    """Backward of ``_lstm_forward``: writes dLoss/dgates to grad_gates [B, 4H], returns dLoss/dc_prev."""
-    size = c_prev.shape[-1]
-    i, f, g, o = act.split(size, dim=1)
-    d_i, d_f, d_g, d_o = grad_gates.split(size, dim=1)
-    # dc = grad_c + grad_h o (1 - tanh(c)²)
-    grad_cell = torch.addcmul(grad_c, grad_h * o, 1 - tanh_c * tanh_c)
-    torch.mul(grad_cell, g, out=d_i)
-    torch.mul(grad_cell, c_prev, out=d_f)
-    torch.mul(grad_cell, i, out=d_g)
-    torch.mul(grad_h, tanh_c, out=d_o)
-    # Through the nonlinearities: σ' = σ (1 - σ) for i, f, o; tanh' = 1 - tanh² for g.
-    slope = act * (1 - act)
-    torch.mul(g, g, out=slope[:, 2 * size:3 * size]).neg_().add_(1)
-    grad_gates.mul_(slope)
-    return grad_cell * f
-
-
 def _incoming_link(kept_memory: list, t: int, every: int, segment: list[torch.Tensor]) -> torch.Tensor:
     """L_{t-1} for a step whose incoming link was not kept, from its segment's checkpoint.
 
@@ -161,7 +127,7 @@ class _Sequence(torch.autograd.Function):
                     gates = torch.mm(layer_input, recurrent[l].t())
                 else:
                     gates = torch.addmm(base, layer_input, recurrent[l].t())
-                h[l] = _lstm_forward(gates, cells[l][t], activations[l][t], cells[l][t + 1], cell_tanhs[l][t])
+                h[l] = native.lstm_forward(gates, cells[l][t], activations[l][t], cells[l][t + 1], cell_tanhs[l][t])
                 below = h[l]
             tops[t] = below
             hidden = features[t, :, :hidden_size]
@@ -242,7 +208,7 @@ class _Sequence(torch.autograd.Function):
             for l in reversed(range(layers)):
                 grad_h_l = grad_below + grad_h[l]
                 g = grad_gates[l][t]
-                grad_c[l] = _lstm_backward(activations[l][t], cells[l][t], cell_tanhs[l][t], grad_h_l, grad_c[l], g)
+                grad_c[l] = native.lstm_backward(activations[l][t], cells[l][t], cell_tanhs[l][t], grad_h_l, grad_c[l], g)
                 grad_input = torch.mm(g, recurrent[l])  # [B, in + H]: the layer input's and h_{t-1}'s gradients
                 split = read_size if l == 0 else hidden_size
                 grad_below = grad_input[:, :split]

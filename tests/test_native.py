@@ -283,3 +283,15 @@ def test_backward_may_write_over_its_incoming_gradients():
     native.memory_backward(kept, grads, aliased)
     for a, b in zip(fresh, aliased):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_vectorised_exp_is_within_two_ulp(dtype):
+    """The kernels' own exp (softmaxes, LSTM gates): close to torch.exp, and inf, NaN and underflow as exp's."""
+    x = torch.cat([torch.linspace(-80, 80, 100_001, dtype=dtype), torch.linspace(-3, 3, 10_001, dtype=dtype)])
+    got, expected = native.exp(x), torch.exp(x)
+    relative = ((got - expected).abs() / expected).max().item()
+    assert relative <= 2 * torch.finfo(dtype).eps, relative
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e4, -1e4], dtype=dtype)
+    got = native.exp(special)
+    assert torch.isnan(got[0]) and got[1] == float("inf") and got[2] == 0 and got[3] == float("inf") and got[4] == 0

@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <numeric>
 #include <vector>
@@ -82,6 +83,94 @@ struct Gates {
     T *beta_r, *e, *f, *pi;  // [R], [W], [R], [3R]
     T beta_w, ga, gw;
 };
+
+// ---- Vectors ------------------------------------------------------------------------------------
+// Explicit 32-byte vectors (GCC/Clang vector extensions: AVX2 on x86-64). Loops over a row load
+// and store through `load`/`store`, which zero-pad the last, partial vector: padding adds nothing
+// to any sum.
+
+template <typename T>
+struct Vec {
+    static constexpr int lanes = 32 / sizeof(T);
+    typedef T type __attribute__((vector_size(32)));
+    typedef typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type index_type;
+    typedef index_type index __attribute__((vector_size(32)));
+};
+
+// n <= lanes elements from p; the other lanes are zero.
+template <typename V, typename T>
+inline V load(const T* p, int64_t n) {
+    V v = {};
+    if (n == static_cast<int64_t>(sizeof(V) / sizeof(T)))
+        std::memcpy(&v, p, sizeof(V));
+    else
+        std::memcpy(&v, p, static_cast<size_t>(n) * sizeof(T));
+    return v;
+}
+
+template <typename V, typename T>
+inline void store(T* p, V v, int64_t n) {
+    if (n == static_cast<int64_t>(sizeof(V) / sizeof(T)))
+        std::memcpy(p, &v, sizeof(V));
+    else
+        std::memcpy(p, &v, static_cast<size_t>(n) * sizeof(T));
+}
+
+template <typename T, typename V>
+inline T sum_lanes(V v) {
+    T s = 0;
+    for (int k = 0; k < Vec<T>::lanes; ++k) s += v[k];
+    return s;
+}
+
+
+// exp(x) for every lane: x = n ln2 + r with |r| <= ln2/2, e^r from its Taylor polynomial (degree 7
+// for float, 13 for double: well under one ulp), times 2^n built in the exponent bits. Within an
+// ulp or two of std::exp, whose scalar calls would otherwise dominate the softmaxes and the LSTM.
+// Below the smallest normal result it returns 0; above the largest finite, +inf; NaN stays NaN.
+template <typename T, typename V>
+inline V vexp(V x) {
+    using I = typename Vec<T>::index;
+    using index_type = typename Vec<T>::index_type;
+    constexpr bool single = sizeof(T) == 4;
+    constexpr int degree = single ? 7 : 13;
+    constexpr int mantissa_bits = single ? 23 : 52;
+    constexpr index_type exponent_bias = single ? 127 : 1023;
+    // Beyond these, e^x is not a normal number (the last ~1.5 below `lowest` are flushed to 0).
+    const T lowest = single ? T(-86.5) : T(-707.0), highest = single ? T(88.7228) : T(709.7827);
+    const T ln2_hi = single ? T(0.693359375) : T(6.93147180369123816490e-01);
+    const T ln2_lo = single ? T(-2.12194440e-4) : T(1.90821492927058770002e-10);
+    const T log2e = T(1.44269504088896340736);
+    V clamped = x < lowest ? V{} + lowest : x;
+    clamped = clamped > highest ? V{} + highest : clamped;
+    const V scaled = clamped * log2e;
+    const I n = __builtin_convertvector(scaled + (scaled < T(0) ? V{} - T(0.5) : V{} + T(0.5)), I);  // round
+    const V nf = __builtin_convertvector(n, V);
+    const V r = (clamped - nf * ln2_hi) - nf * ln2_lo;
+    T inverse_factorials[degree + 1];
+    inverse_factorials[0] = 1;
+    for (int k = 1; k <= degree; ++k) inverse_factorials[k] = inverse_factorials[k - 1] / T(k);
+    V p = V{} + inverse_factorials[degree];
+    for (int k = degree - 1; k >= 0; --k) p = p * r + inverse_factorials[k];
+    // 2^n as 2^(n-1) * 2, so that n = 128 (float) or 1024 (double) still has an exponent field.
+    const V two_to_n_minus_1 = (V)((n + (exponent_bias - 1)) << mantissa_bits);
+    V result = p * two_to_n_minus_1 * T(2);
+    const auto is_number = x == x;
+    result = x < lowest ? V{} : result;
+    result = x > highest ? V{} + std::numeric_limits<T>::infinity() : result;
+    return is_number ? result : x;
+}
+
+// exp over an array, in place.
+template <typename T>
+inline void exp_in_place(T* values, int64_t n) {
+    using V = typename Vec<T>::type;
+    constexpr int K = Vec<T>::lanes;
+    for (int64_t j = 0; j < n; j += K) {
+        const int64_t m = std::min<int64_t>(K, n - j);
+        store(values + j, vexp<T>(load<V>(values + j, m)), m);
+    }
+}
 
 template <typename T>
 inline T sigmoid(T x) { return T(1) / (T(1) + std::exp(-x)); }
@@ -143,11 +232,10 @@ void content(const Dims& d, const T* M, const T* row_norms, const T* key, T beta
         cos[n] = dot / (nk * row_norms[n]);
         top = std::max(top, beta * cos[n]);
     }
+    for (int64_t n = 0; n < N; ++n) weights[n] = beta * cos[n] - top;
+    exp_in_place(weights, N);
     T sum = 0;
-    for (int64_t n = 0; n < N; ++n) {
-        weights[n] = std::exp(beta * cos[n] - top);
-        sum += weights[n];
-    }
+    for (int64_t n = 0; n < N; ++n) sum += weights[n];
     for (int64_t n = 0; n < N; ++n) weights[n] /= sum;
 }
 
@@ -195,44 +283,8 @@ void row_norms(const Dims& d, const T* M, T* norms) {
 // ---- The link matrix: the B*N^2 part --------------------------------------------------------
 // Each row of L is visited once forward and once backward, and everything that involves the row
 // (the row itself, the forward and backward weightings of all R read heads, and in backward every
-// gradient) is computed in that one pass, with explicit 32-byte vectors (GCC/Clang vector
-// extensions: AVX2 on x86-64; the last, partial vector of a row is zero-padded, which adds
-// nothing to any sum). The number of read heads is a template argument from 1 to 8 (a run-time
+// gradient) is computed in that one pass, in vectors. The number of read heads is a template argument from 1 to 8 (a run-time
 // loop above that) so that their accumulators stay in registers.
-
-template <typename T>
-struct Vec {
-    static constexpr int lanes = 32 / sizeof(T);
-    typedef T type __attribute__((vector_size(32)));
-    typedef typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type index_type;
-    typedef index_type index __attribute__((vector_size(32)));
-};
-
-// n <= lanes elements from p; the other lanes are zero.
-template <typename V, typename T>
-inline V load(const T* p, int64_t n) {
-    V v = {};
-    if (n == static_cast<int64_t>(sizeof(V) / sizeof(T)))
-        std::memcpy(&v, p, sizeof(V));
-    else
-        std::memcpy(&v, p, static_cast<size_t>(n) * sizeof(T));
-    return v;
-}
-
-template <typename V, typename T>
-inline void store(T* p, V v, int64_t n) {
-    if (n == static_cast<int64_t>(sizeof(V) / sizeof(T)))
-        std::memcpy(p, &v, sizeof(V));
-    else
-        std::memcpy(p, &v, static_cast<size_t>(n) * sizeof(T));
-}
-
-template <typename T, typename V>
-inline T sum_lanes(V v) {
-    T s = 0;
-    for (int k = 0; k < Vec<T>::lanes; ++k) s += v[k];
-    return s;
-}
 
 // Per-head values held for one row: registers when RC (the number of heads) is known.
 template <typename X, int RC>
@@ -720,6 +772,58 @@ void backward_batch(int64_t B, int64_t N, int64_t W, int64_t R, int threads, con
     }
 }
 
+// ---- The LSTM cell after its matrix products ------------------------------------------------------
+// gates [B, 4H] (W_ih x + b_ih + W_hh h + b_hh, torch's order i, f, g, o), c_prev [B, H] ->
+// act [B, 4H] = sigma(i), sigma(f), tanh(g), sigma(o); c = f c_prev + i g; tanh_c = tanh(c); h = o tanh_c.
+// tanh(x) = 1 - 2 / (e^{2x} + 1): within a few ulp of std::tanh in absolute terms.
+
+template <typename T, typename V>
+inline V vsigmoid(V x) { return T(1) / (T(1) + vexp<T>(-x)); }
+
+template <typename T, typename V>
+inline V vtanh(V x) { return T(1) - T(2) / (vexp<T>(x + x) + T(1)); }
+
+template <typename T>
+void lstm_forward(int64_t B, int64_t H, const T* gates, const T* c_prev, T* act, T* c, T* tanh_c, T* h) {
+    using V = typename Vec<T>::type;
+    constexpr int K = Vec<T>::lanes;
+    for (int64_t b = 0; b < B; ++b) {
+        const T* z = gates + b * 4 * H;
+        T* a = act + b * 4 * H;
+        for (int64_t k = 0; k < H; k += K) {
+            const int64_t m = std::min<int64_t>(K, H - k);
+            const V i = vsigmoid<T>(load<V>(z + k, m)), f = vsigmoid<T>(load<V>(z + H + k, m));
+            const V g = vtanh<T>(load<V>(z + 2 * H + k, m)), o = vsigmoid<T>(load<V>(z + 3 * H + k, m));
+            store(a + k, i, m), store(a + H + k, f, m), store(a + 2 * H + k, g, m), store(a + 3 * H + k, o, m);
+            const int64_t at = b * H + k;
+            const V cell = f * load<V>(c_prev + at, m) + i * g;
+            const V tc = vtanh<T>(cell);
+            store(c + at, cell, m), store(tanh_c + at, tc, m), store(h + at, o * tc, m);
+        }
+    }
+}
+
+// dLoss/dgates [B, 4H] and dLoss/dc_prev [B, H] from dLoss/dh and dLoss/dc (of this step's outputs).
+template <typename T>
+void lstm_backward(int64_t B, int64_t H, const T* act, const T* c_prev, const T* tanh_c, const T* grad_h,
+                   const T* grad_c, T* grad_gates, T* grad_c_prev) {
+    for (int64_t b = 0; b < B; ++b) {
+        const T* a = act + b * 4 * H;
+        T* dz = grad_gates + b * 4 * H;
+#pragma omp simd
+        for (int64_t k = 0; k < H; ++k) {
+            const int64_t n = b * H + k;
+            const T i = a[k], f = a[H + k], g = a[2 * H + k], o = a[3 * H + k], tc = tanh_c[n];
+            const T dc = grad_c[n] + grad_h[n] * o * (T(1) - tc * tc);
+            dz[k] = dc * g * i * (T(1) - i);
+            dz[H + k] = dc * c_prev[n] * f * (T(1) - f);
+            dz[2 * H + k] = dc * i * (T(1) - g * g);
+            dz[3 * H + k] = grad_h[n] * tc * o * (T(1) - o);
+            grad_c_prev[n] = dc * f;
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -762,6 +866,23 @@ DNC_DEFINE(f64, double)
 
 DNC_DEFINE_LINK(f32, float)
 DNC_DEFINE_LINK(f64, double)
+
+#define DNC_DEFINE_LSTM(SUFFIX, T)                                                                          \
+    void dnc_lstm_forward_##SUFFIX(int64_t B, int64_t H, const T* gates, const T* c_prev, T* act, T* c,      \
+                                   T* tanh_c, T* h) {                                                        \
+        lstm_forward<T>(B, H, gates, c_prev, act, c, tanh_c, h);                                             \
+    }                                                                                                        \
+    void dnc_lstm_backward_##SUFFIX(int64_t B, int64_t H, const T* act, const T* c_prev, const T* tanh_c,    \
+                                    const T* grad_h, const T* grad_c, T* grad_gates, T* grad_c_prev) {       \
+        lstm_backward<T>(B, H, act, c_prev, tanh_c, grad_h, grad_c, grad_gates, grad_c_prev);                \
+    }                                                                                                        \
+    void dnc_exp_##SUFFIX(int64_t n, const T* x, T* out) {                                                   \
+        std::copy(x, x + n, out);                                                                            \
+        exp_in_place(out, n);                                                                                \
+    }
+
+DNC_DEFINE_LSTM(f32, float)
+DNC_DEFINE_LSTM(f64, double)
 
 
 }  // extern "C"
