@@ -13,9 +13,16 @@ BUILD_CONSTRAINTS := $(CURDIR)/constraints/build.txt
 PIP_ENV := PIP_CONSTRAINT="$(strip $(wildcard /etc/xdg/pip/constraints.txt) $(BUILD_CONSTRAINTS))" \
            PIP_BUILD_CONSTRAINT="$(BUILD_CONSTRAINTS)"
 
-.PHONY: setup assets test test-fast train bench clean
+.PHONY: setup assets native test test-fast train bench clean
 
-setup: $(BIN)/dnclab assets
+setup: $(BIN)/dnclab assets native
+
+# Build the C++ kernels of native=True now rather than at the first training step. Without g++
+# set-up still completes: native=True then warns and runs the reference path.
+native: $(BIN)/dnclab
+	@$(BIN)/python -m dnc_lab.native || \
+	  echo "warning: dnc_lab's native kernels could not be built (see above); install g++ for" \
+	       "2-3x faster training. Everything works without them." >&2
 
 $(BIN)/dnclab: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

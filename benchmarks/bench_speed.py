@@ -528,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="a,b,c", help="comma-separated names from: " + ", ".join(
         f"{k} ({c.describe()})" for k, c in CONFIGS.items()))
-    p.add_argument("--impls", default="pytorch-dnc,dnc_lab",
+    p.add_argument("--impls", default="pytorch-dnc,dnc_lab,dnc_lab:native=true",
                    help="comma-separated; the first is the baseline of the ratios. "
                         "Options after colons, e.g. dnc_lab:compile_step=true:fused_link=8")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per config (default 15, --quick 3)")

@@ -416,7 +416,6 @@ def _validate(args: dict[str, Any]) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name}={value!r}: expected an integer >= 0 (0: off)")
     if args["native"] and args["fused_link"]:
-        raise ValueError(f"native=True replaces fused_link={args['fused_link']} and compile_step={args['compile_step']}: "
-                         "set native=False to use them")
+        raise ValueError(f"native=True replaces fused_link={args['fused_link']}: set native=False to use fused_link")
     if args["clip"] < 0:
         raise ValueError(f"clip={args['clip']!r}: expected >= 0 (0 disables clipping)")

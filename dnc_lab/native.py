@@ -264,3 +264,9 @@ def memory_step(prev: dict, raw_interface: torch.Tensor) -> tuple[torch.Tensor, 
     """
     reads, *state = _MemoryStep.apply(raw_interface, *(prev[key] for key in _STATE_KEYS))
     return reads, dict(zip(_STATE_KEYS, state))
+
+
+if __name__ == "__main__":  # `python -m dnc_lab.native`: build now and say where, or why not
+    ok, why = available()
+    print(f"dnc_lab native kernels: {_library._name if ok else 'unavailable: ' + why}")
+    raise SystemExit(0 if ok else 1)
