@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-fPIC", "-shared", "-fopenmp"]
@@ -246,6 +247,7 @@ class _MemoryStep(torch.autograd.Function):
         return tuple(outputs)
 
     @staticmethod
+    @once_differentiable  # the backward kernel is not itself differentiable: refuse double backward
     def backward(ctx, *grads):
         return tuple(memory_backward(list(ctx.saved_tensors), list(grads)))
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from dnc_lab import native
 
@@ -41,6 +42,7 @@ class Weights(NamedTuple):
     interface_bias: Optional[torch.Tensor]  # [S]
 
 
+@torch.compiler.disable  # ctypes calls inside: a compiled caller runs this eagerly
 def run(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, reads: torch.Tensor, memory: list[torch.Tensor],
         weights: Weights, clip: float, link_every: int = 1):
     """x [T, B, I], h0 and c0 [L, B, H], reads [B, R*W], memory: the six state tensors (memory.STATE_KEYS order).
@@ -52,8 +54,12 @@ def run(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, reads: torch.Tensor
     """
     layers = len(weights.lstm)
     flat = [t for layer in weights.lstm for t in layer]
-    out = _Sequence.apply(layers, float(clip), int(link_every), x, h0, c0, reads, *memory, *flat,
-                          weights.interface_weight, weights.interface_bias)
+    args = (x, h0, c0, reads, *memory, *flat, weights.interface_weight, weights.interface_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+        out = _Sequence.apply(layers, float(clip), max(1, int(link_every)), *args)
+    else:  # no graph: keep nothing for backward (link_every 0), so memory does not grow with T
+        with torch.no_grad():
+            out = _Sequence.forward(None, layers, float(clip), 0, *args)
     features, h_t, c_t, reads_t, *memory_t = out
     return features, h_t, c_t, reads_t, list(memory_t)
 
@@ -111,8 +117,9 @@ class _Sequence(torch.autograd.Function):
         features = x.new_empty(steps, batch, hidden_size + read_size)
         interfaces = x.new_empty(steps, batch, w_xi.shape[0])
         kept_memory = []  # per step, what native.memory_backward needs
+        inference = link_every == 0  # called by run() without a graph: nothing is kept
         # Links that are not kept go to two buffers used in turn (step t reads one, writes the other).
-        scratch_links = [torch.empty_like(memory[1]) for _ in range(2)] if link_every > 1 else None
+        scratch_links = [torch.empty_like(memory[1]) for _ in range(2)] if link_every != 1 else None
 
         h = list(h0.unbind(0))
         for l in range(layers):
@@ -138,15 +145,20 @@ class _Sequence(torch.autograd.Function):
             else:
                 torch.addmm(b_xi, hidden, w_xi.t(), out=xi)
             # L_t is step t+1's incoming link: kept if t+1 is a checkpoint step, and the final one.
-            keep_link = link_every == 1 or t == steps - 1 or (t + 1) % link_every == 0
+            keep_link = t == steps - 1 or (not inference and (link_every == 1 or (t + 1) % link_every == 0))
             outputs, kept = native.memory_forward(xi, memory, None if keep_link else scratch_links[t % 2])
-            if t % link_every:
-                kept[2] = None  # in a scratch buffer: recomputed in backward
-            kept_memory.append(kept)
+            if not inference:
+                if t % link_every:
+                    kept[2] = None  # in a scratch buffer: recomputed in backward
+                kept_memory.append(kept)
             reads = outputs[0].view(batch, heads * outputs[0].shape[-1])
             features[t, :, hidden_size:] = reads
             memory = outputs[1:]
 
+        h_t = torch.stack(h)
+        c_t = torch.stack([cells[l][steps] for l in range(layers)])
+        if inference:
+            return (features, h_t, c_t, reads, *memory)
         ctx.layers, ctx.clip, ctx.steps, ctx.inputs, ctx.link_every = layers, clip, steps, inputs, link_every
         ctx.has_bias = (lstm[0][2] is not None, lstm[0][3] is not None, b_xi is not None)
         # Each step's memory tensors are released as soon as backward has passed that step, so they
@@ -157,11 +169,10 @@ class _Sequence(torch.autograd.Function):
         kept_memory[-1] = None
         ctx.save_for_backward(x, w_ih0, w_xi, tops, features, interfaces, *recurrent, *layer_inputs, *activations,
                               *cells, *cell_tanhs, *last)
-        h_t = torch.stack(h)
-        c_t = torch.stack([cells[l][steps] for l in range(layers)])
         return (features, h_t, c_t, reads, *memory)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_features, grad_h_t, grad_c_t, grad_reads_t, *grad_memory_t):
         layers, clip, steps, inputs, link_every = ctx.layers, ctx.clip, ctx.steps, ctx.inputs, ctx.link_every
         saved = ctx.saved_tensors

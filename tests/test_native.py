@@ -295,3 +295,27 @@ def test_vectorised_exp_is_within_two_ulp(dtype):
     special = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e4, -1e4], dtype=dtype)
     got = native.exp(special)
     assert torch.isnan(got[0]) and got[1] == float("inf") and got[2] == 0 and got[3] == float("inf") and got[4] == 0
+
+
+def test_inference_without_a_graph_matches_and_returns_its_own_state():
+    """Under no_grad the sequence keeps nothing for backward (links go to two reused buffers), yet
+    returns the same numbers, and the final state it returns is not overwritten by a later call."""
+    reference, fast = _pair(input_size=3, hidden_size=8, nr_cells=6, cell_size=4, read_heads=2, num_hidden_layers=2)
+    x = torch.randn(2, 9, 3, dtype=torch.float64)
+    with torch.no_grad():
+        out, hx = fast(x)
+        link = hx[1]["link_matrix"].clone()
+        fast(torch.randn(2, 9, 3, dtype=torch.float64))
+        out_ref, hx_ref = reference(x)
+    torch.testing.assert_close(out, out_ref, **TOL)
+    assert torch.equal(hx[1]["link_matrix"], link)
+    torch.testing.assert_close(link, hx_ref[1]["link_matrix"], **TOL)
+
+
+def test_double_backward_is_refused():
+    _, fast = _pair(input_size=3, hidden_size=8, nr_cells=6, cell_size=4, read_heads=2)
+    x = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    out, _ = fast(x)
+    (grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad.sum().backward()
