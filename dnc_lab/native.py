@@ -39,6 +39,10 @@ from torch.autograd.function import once_differentiable
 
 SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-fPIC", "-shared", "-fopenmp"]
+if platform.machine().lower() in ("x86_64", "amd64"):
+    # On AVX-512 CPUs, GCC's own vectorised loops over a cell (20-32 floats) are faster in 8-float
+    # vectors than in 16 (measured: ~18% on the whole step here); the kernel's explicit vectors are 8 anyway.
+    FLAGS.append("-mprefer-vector-width=256")
 
 # Below this much work per call (see _threads), starting OpenMP threads costs more than it saves.
 _PARALLEL_MIN_WORK = 1 << 16
