@@ -136,12 +136,20 @@ def build_optimizer(params: Sequence[nn.Parameter], cfg: TrainConfig, device: to
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def guarded_step(optimizer: torch.optim.Optimizer, ok: torch.Tensor) -> None:
-    """``optimizer.step()``, undone on the device where ``ok`` (a 0-dim bool tensor) is False.
+def guarded_step(optimizer: torch.optim.Optimizer, ok: torch.Tensor, on_device: Optional[bool] = None) -> None:
+    """``optimizer.step()`` where ``ok`` (a 0-dim bool tensor) is True; where it is False, nothing changes.
 
-    Parameters and optimiser state are copied before the step and restored with torch.where, so a
-    non-finite gradient changes nothing, and the host never waits for the device to decide.
+    On a GPU (``on_device``, the default for a tensor that is not on the CPU) the step is taken and
+    undone on the device: parameters and optimiser state are copied before it and restored with
+    torch.where, so the host never waits for the device to decide. On the CPU reading ``ok`` costs
+    nothing, so the step is simply skipped (the copies were ~10% of a small model's step).
     """
+    if on_device is None:
+        on_device = ok.device.type != "cpu"
+    if not on_device:
+        if bool(ok):
+            optimizer.step()
+        return
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     old_params = [p.detach().clone() for p in params]
     old_state = {p: {k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v)} for p in params}

@@ -70,9 +70,10 @@ def test_parse_lengths():
             parse_lengths(bad)
 
 
+@pytest.mark.parametrize("on_device", [False, True], ids=["host-branch", "device-side-undo"])
 @pytest.mark.parametrize("name, extra", [("adam", {}), ("rmsprop", {"momentum": 0.5}), ("rmsprop", {"tf_style": True}),
                                          ("sgd", {"momentum": 0.9})])
-def test_guarded_step_skips_nonfinite_updates_exactly(name, extra):
+def test_guarded_step_skips_nonfinite_updates_exactly(name, extra, on_device):
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     with pytest.warns(UserWarning, match="diverge") if name == "sgd" else _nothing():
@@ -84,7 +85,7 @@ def test_guarded_step_skips_nonfinite_updates_exactly(name, extra):
         loss = model(x).sum()
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-        guarded_step(opt, torch.isfinite(loss) & torch.isfinite(norm))
+        guarded_step(opt, torch.isfinite(loss) & torch.isfinite(norm), on_device)
 
     step(torch.ones(4, 3))  # a good step creates the optimiser state
     before = ([p.clone() for p in model.parameters()],
