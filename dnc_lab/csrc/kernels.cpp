@@ -286,6 +286,15 @@ void row_norms(const Dims& d, const T* M, T* norms) {
 // gradient) is computed in that one pass, in vectors. The number of read heads is a template argument from 1 to 8 (a run-time
 // loop above that) so that their accumulators stay in registers.
 
+// Which lanes of the vector that starts at column j hold column i (the diagonal of row i): a mask.
+template <typename T>
+inline typename Vec<T>::index on_diagonal(int64_t j, int64_t i) {
+    using index_type = typename Vec<T>::index_type;
+    typename Vec<T>::index column;
+    for (int k = 0; k < Vec<T>::lanes; ++k) column[k] = static_cast<index_type>(j + k);
+    return column == static_cast<index_type>(i);
+}
+
 // Per-head values held for one row: registers when RC (the number of heads) is known.
 template <typename X, int RC>
 struct PerHead {
@@ -323,12 +332,8 @@ template <typename T, int RC>
 void link_forward_heads(const Dims& d, const T* L_prev, const T* p_prev, const T* ww, const T* wr_prev, T* L,
                         T* fwd, T* bwd) {
     using V = typename Vec<T>::type;
-    using I = typename Vec<T>::index;
-    using index_type = typename Vec<T>::index_type;
     constexpr int K = Vec<T>::lanes;
     const int64_t N = d.N, R = RC > 0 ? RC : d.R;
-    I lane;
-    for (int k = 0; k < K; ++k) lane[k] = k;
     std::fill(bwd, bwd + R * N, T(0));
     PerHead<V, RC> acc(R);
     PerHead<T, RC> w_ri(R);
@@ -343,7 +348,7 @@ void link_forward_heads(const Dims& d, const T* L_prev, const T* p_prev, const T
         for (int64_t j = 0; j < N; j += K) {
             const int64_t n = std::min<int64_t>(K, N - j);
             V l = link_value(keep, load<V>(ww + j, n), load<V>(prev_row + j, n), wi, load<V>(p_prev + j, n));
-            l = (lane + static_cast<index_type>(j) == static_cast<index_type>(i)) ? V{} : l;
+            l = on_diagonal<T>(j, i) ? V{} : l;
             store(row + j, l, n);
             for (int64_t r = 0; r < R; ++r) {
                 T* b_r = bwd + r * N + j;
@@ -372,12 +377,8 @@ template <typename T, int RC>
 void link_backward_heads(const Dims& d, const T* L_prev, const T* p_prev, const T* ww, const T* wr_prev,
                          const LinkGrads<T>& a, T* col_LG) {
     using V = typename Vec<T>::type;
-    using I = typename Vec<T>::index;
-    using index_type = typename Vec<T>::index_type;
     constexpr int K = Vec<T>::lanes;
     const int64_t N = d.N, R = RC > 0 ? RC : d.R;
-    I lane;
-    for (int k = 0; k < K; ++k) lane[k] = k;
     std::fill(col_LG, col_LG + N, T(0));
     PerHead<V, RC> acc(R), gb(R);
     PerHead<T, RC> gf_i(R), w_ri(R);
@@ -402,7 +403,7 @@ void link_backward_heads(const Dims& d, const T* L_prev, const T* p_prev, const 
                 G += gf_i[r] * load<V>(wr_prev + r * N + j, n) + w_ri[r] * gb[r];
             }
             V l = link_value(keep, wwj, lp, wi, pj);
-            const auto diagonal = lane + static_cast<index_type>(j) == static_cast<index_type>(i);
+            const auto diagonal = on_diagonal<T>(j, i);
             G = diagonal ? V{} : G;
             l = diagonal ? V{} : l;
             store(g_prev_row + j, (keep - wwj) * G, n);
