@@ -79,9 +79,11 @@ struct Scratch {
 
 template <typename T>
 struct Gates {
-    // The interface after the paper's nonlinearities (keys and write vector are used raw).
+    // The interface after the paper's nonlinearities; the keys and the write vector, which have
+    // none, point into the raw vector.
     T *beta_r, *e, *f, *pi;  // [R], [W], [R], [3R]
     T beta_w, ga, gw;
+    const T *read_keys, *write_key, *write_vector;  // [R, W], [W], [W]
 };
 
 // ---- Vectors ------------------------------------------------------------------------------------
@@ -183,8 +185,7 @@ inline T softplus_slope(T x) { return x > T(20) ? T(1) : sigmoid(x); }
 
 template <typename T>
 Gates<T> parse(const Dims& d, const T* xi, Scratch<T>& scratch) {
-    const int64_t N = d.N, W = d.W, R = d.R;
-    (void)N;
+    const int64_t W = d.W, R = d.R;
     Gates<T> g;
     const T* beta_r = xi + R * W;
     const T* beta_w = beta_r + R + W;
@@ -207,6 +208,9 @@ Gates<T> parse(const Dims& d, const T* xi, Scratch<T>& scratch) {
         g.pi[3 * r + 2] = z2 / sum;
     }
     for (int64_t w = 0; w < W; ++w) g.e[w] = sigmoid(erase[w]);
+    g.read_keys = xi;
+    g.write_key = beta_r + R;
+    g.write_vector = erase + W;
     g.beta_w = T(1) + softplus(beta_w[0]);
     g.ga = sigmoid(free[R]);
     g.gw = sigmoid(free[R + 1]);
@@ -460,9 +464,7 @@ void forward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, c
     const int64_t N = d.N, W = d.W, R = d.R;
     scratch.reset();
     const Gates<T> g = parse(d, xi, scratch);
-    const T* read_keys = xi;
-    const T* write_key = xi + R * W + R;
-    const T* write_vector = write_key + W + 1 + W;
+    const T *read_keys = g.read_keys, *write_key = g.write_key, *write_vector = g.write_vector;
 
     // Usage: u = (u_{t-1} + ww_{t-1} - u_{t-1} ww_{t-1}) * prod_r (1 - f_r wr_{t-1}[r]).
     for (int64_t n = 0; n < N; ++n) {
@@ -563,9 +565,7 @@ void backward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, 
     const int64_t N = d.N, W = d.W, R = d.R;
     scratch.reset();
     const Gates<T> g = parse(d, xi, scratch);
-    const T* read_keys = xi;
-    const T* write_key = xi + R * W + R;
-    const T* write_vector = write_key + W + 1 + W;
+    const T *read_keys = g.read_keys, *write_key = g.write_key, *write_vector = g.write_vector;
     const T* fwd = aux + d.fwd();
     const T* bwd = aux + d.bwd();
     const T* cr = aux + d.cr();
