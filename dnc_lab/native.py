@@ -96,7 +96,7 @@ def _build() -> ctypes.CDLL:
         forward.argtypes = [i64, i64, i64, i64, c_int] + [ptr] * 16
         backward = getattr(library, f"dnc_backward_{suffix}")
         backward.restype = None
-        backward.argtypes = [i64, i64, i64, i64, c_int] + [ptr] * 27
+        backward.argtypes = [i64, i64, i64, i64, c_int] + [ptr] * 26
         link = getattr(library, f"dnc_link_{suffix}")
         link.restype = None
         link.argtypes = [i64, i64, c_int] + [ptr] * 4
@@ -172,8 +172,8 @@ def memory_forward(raw: torch.Tensor, state: list[torch.Tensor], link_out: Optio
     _kernel("forward", memory.dtype)(
         b, n, w, r, _threads(b, n, w, r), *map(_pointer, inputs), *map(_pointer, outputs), _pointer(aux), _pointer(order)
     )
-    # The step's own inputs, then the new memory, read weights, write weights and usage, then the rest.
-    kept = inputs + [outputs[1], outputs[4], outputs[5], outputs[6], aux, order]
+    # The step's own inputs, then the new memory, read weights and write weights, then the rest.
+    kept = inputs + [outputs[1], outputs[4], outputs[5], aux, order]
     return outputs, kept
 
 

@@ -558,7 +558,7 @@ void forward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, c
 template <typename T>
 void backward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, const T* p_prev,
                   const T* wr_prev, const T* ww_prev, const T* u_prev, const T* M, const T* wr, const T* ww,
-                  const T* u, const T* aux, const int32_t* order, const T* grad_reads, const T* grad_M_out,
+                  const T* aux, const int32_t* order, const T* grad_reads, const T* grad_M_out,
                   const T* grad_L, const T* grad_p, const T* grad_wr_out, const T* grad_ww_out,
                   const T* grad_u_out, T* g_xi, T* g_M_prev, T* g_L_prev, T* g_p_prev, T* g_wr_prev,
                   T* g_ww_prev, T* g_u_prev, Scratch<T>& scratch) {
@@ -752,7 +752,7 @@ void forward_batch(int64_t B, int64_t N, int64_t W, int64_t R, int threads, cons
 template <typename T>
 void backward_batch(int64_t B, int64_t N, int64_t W, int64_t R, int threads, const T* xi, const T* M_prev,
                     const T* L_prev, const T* p_prev, const T* wr_prev, const T* ww_prev, const T* u_prev,
-                    const T* M, const T* wr, const T* ww, const T* u, const T* aux, const int32_t* order,
+                    const T* M, const T* wr, const T* ww, const T* aux, const int32_t* order,
                     const T* grad_reads, const T* grad_M, const T* grad_L, const T* grad_p, const T* grad_wr,
                     const T* grad_ww, const T* grad_u, T* g_xi, T* g_M_prev, T* g_L_prev, T* g_p_prev,
                     T* g_wr_prev, T* g_ww_prev, T* g_u_prev) {
@@ -764,7 +764,7 @@ void backward_batch(int64_t B, int64_t N, int64_t W, int64_t R, int threads, con
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; ++b) {
             backward_one(d, xi + b * S, M_prev + b * N * W, L_prev + b * N * N, p_prev + b * N, wr_prev + b * R * N,
-                     ww_prev + b * N, u_prev + b * N, M + b * N * W, wr + b * R * N, ww + b * N, u + b * N,
+                     ww_prev + b * N, u_prev + b * N, M + b * N * W, wr + b * R * N, ww + b * N,
                      aux + b * d.aux(), order + b * N, grad_reads + b * R * W, grad_M + b * N * W,
                      grad_L + b * N * N, grad_p + b * N, grad_wr + b * R * N, grad_ww + b * N, grad_u + b * N,
                      g_xi + b * S, g_M_prev + b * N * W, g_L_prev + b * N * N, g_p_prev + b * N,
@@ -843,12 +843,12 @@ int64_t dnc_aux_size(int64_t N, int64_t W, int64_t R) { return Dims{N, W, R}.aux
     void dnc_backward_##SUFFIX(int64_t B, int64_t N, int64_t W, int64_t R, int threads, const T* xi,        \
                                const T* M_prev, const T* L_prev, const T* p_prev, const T* wr_prev,          \
                                const T* ww_prev, const T* u_prev, const T* M, const T* wr, const T* ww,      \
-                               const T* u, const T* aux, const int32_t* order, const T* grad_reads,          \
+                               const T* aux, const int32_t* order, const T* grad_reads,                      \
                                const T* grad_M, const T* grad_L, const T* grad_p, const T* grad_wr,          \
                                const T* grad_ww, const T* grad_u, T* g_xi, T* g_M_prev, T* g_L_prev,         \
                                T* g_p_prev, T* g_wr_prev, T* g_ww_prev, T* g_u_prev) {                       \
         backward_batch<T>(B, N, W, R, threads, xi, M_prev, L_prev, p_prev, wr_prev, ww_prev, u_prev, M, wr,  \
-                          ww, u, aux, order, grad_reads, grad_M, grad_L, grad_p, grad_wr, grad_ww, grad_u,   \
+                          ww, aux, order, grad_reads, grad_M, grad_L, grad_p, grad_wr, grad_ww, grad_u,      \
                           g_xi, g_M_prev, g_L_prev, g_p_prev, g_wr_prev, g_ww_prev, g_u_prev);               \
     }
 
