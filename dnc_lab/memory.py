@@ -215,11 +215,8 @@ class MemoryAccess(nn.Module):
 
     def interface_from(self, controller_output: torch.Tensor) -> Interface:
         """controller_output [B, input_size] -> Interface."""
-        if self.independent_linears:
-            raw = {name: layer(controller_output) for name, layer in self.fields.items()}
-        else:
-            flat = self.interface(controller_output)
-            raw = dict(zip(self.sizes, torch.split(flat, list(self.sizes.values()), dim=-1)))
+        flat = self.raw_interface(controller_output)
+        raw = dict(zip(self.sizes, torch.split(flat, list(self.sizes.values()), dim=-1)))
         return parse_interface(raw, self.cell_size, self.read_heads, self.num_writes)
 
     def raw_interface(self, controller_output: torch.Tensor) -> torch.Tensor:
@@ -236,8 +233,9 @@ class MemoryAccess(nn.Module):
         native step runs on the CPU only).
         """
         if self.native and not reference:
-            read_vectors, new_state = native.memory_step(state, self.raw_interface(controller_output))
-            return MemoryStep(read_vectors, MemoryState(**new_state), None)
+            read_vectors, new_state = native.memory_step(self.raw_interface(controller_output),
+                                                         [state[key] for key in STATE_KEYS])
+            return MemoryStep(read_vectors, MemoryState(zip(STATE_KEYS, new_state)), None)
         interface = self.interface_from(controller_output)
         read_vectors, new_state = memory_step(state, interface, self.fused_link)
         return MemoryStep(read_vectors, new_state, interface)

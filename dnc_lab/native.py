@@ -1,7 +1,7 @@
 """The native memory step: ``memory.memory_step`` as one compiled CPU call forward and one backward.
 
-``memory_step`` here takes the same previous state and the *raw* interface vector (before the
-nonlinearities) and returns the same read vectors and new state as the reference path
+``memory_step`` here takes the same previous state (a list, in ``memory.STATE_KEYS`` order) and
+the *raw* interface vector (before the nonlinearities) and returns the same read vectors and new state as the reference path
 (``memory.memory_step`` of ``memory.parse_interface``), to float rounding; tests/test_native.py
 checks values and gradients against it in float64. It is what ``DNC(native=True)`` uses.
 
@@ -256,20 +256,16 @@ class _MemoryStep(torch.autograd.Function):
         return tuple(memory_backward(list(ctx.saved_tensors), list(grads)))
 
 
-# The state's keys in the order of _MemoryStep's arguments and results (memory.STATE_KEYS; not
-# imported, since memory.py imports this module).
-_STATE_KEYS = ("memory", "link_matrix", "precedence", "read_weights", "write_weights", "usage_vector")
-
-
 @torch.compiler.disable
-def memory_step(prev: dict, raw_interface: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """One memory step from the raw interface vector: (read vectors [B, R, W], new state).
+def memory_step(raw_interface: torch.Tensor, state: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One memory step from the raw interface vector, with autograd: (read vectors [B, R, W], new state).
 
-    prev: the state (see ``dnc_lab.memory``; link_matrix [B, 1, N, N]); raw_interface [B, S], the
-    fields in ``memory.interface_sizes`` order, before their nonlinearities.
+    raw_interface [B, S], the fields in ``memory.interface_sizes`` order, before their
+    nonlinearities; state: the six state tensors in ``memory.STATE_KEYS`` order (link_matrix
+    [B, 1, N, N]), and the new state in the same order.
     """
-    reads, *state = _MemoryStep.apply(raw_interface, *(prev[key] for key in _STATE_KEYS))
-    return reads, dict(zip(_STATE_KEYS, state))
+    reads, *new_state = _MemoryStep.apply(raw_interface, *state)
+    return reads, new_state
 
 
 if __name__ == "__main__":  # `python -m dnc_lab.native`: build now and say where, or why not
