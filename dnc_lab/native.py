@@ -1,9 +1,9 @@
 """The native memory step: ``memory.memory_step`` as one compiled CPU call forward and one backward.
 
 ``memory_step`` here takes the same previous state (a list, in ``memory.STATE_KEYS`` order) and
-the *raw* interface vector (before the nonlinearities) and returns the same read vectors and new state as the reference path
-(``memory.memory_step`` of ``memory.parse_interface``), to float rounding; tests/test_native.py
-checks values and gradients against it in float64. It is what ``DNC(native=True)`` uses.
+the *raw* interface vector (before the nonlinearities), and returns the same read vectors and new
+state as the reference path (``memory.memory_step`` of ``memory.parse_interface``), to float
+rounding; tests/test_native.py checks values and gradients against it in float64. It is what ``DNC(native=True)`` uses.
 
 Why it exists: the reference step is ~500 small ATen ops, each with a fixed cost of about 10 µs on
 a CPU, which is most of a DNC's training time (benchmarks/RESULTS.md). The C++ source
