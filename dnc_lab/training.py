@@ -21,7 +21,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -298,23 +298,26 @@ def build_model(cfg: Config, device: torch.device) -> DNC:
 
 
 def train(run_dir: Path, cfg: Config, device: torch.device, resume: bool = False,
-          progress: Optional[bool] = None, echo=print) -> TrainResult:
+          progress: Optional[bool] = None, echo=print,
+          on_summary: Optional[Callable[[dict], None]] = None) -> TrainResult:
     """Train (or, with ``resume``, continue from the newest checkpoint) the run in ``run_dir``.
 
     progress: show a tqdm bar (default: when stderr is a terminal); otherwise a line per summary.
+    on_summary: called with each metrics row right after it is appended to metrics.jsonl (a sweep
+    reports it to its scheduler).
     Returns how the run ended; raises TrainingError when it had to stop (status 'failed').
     """
     threads = torch.get_num_threads()
     try:
         if cfg.train.threads is not None:
             torch.set_num_threads(cfg.train.threads)
-        return _train(run_dir, cfg, device, resume, progress, echo)
+        return _train(run_dir, cfg, device, resume, progress, echo, on_summary)
     finally:
         torch.set_num_threads(threads)  # leave the caller's process as it was
 
 
 def _train(run_dir: Path, cfg: Config, device: torch.device, resume: bool, progress: Optional[bool],
-           echo) -> TrainResult:
+           echo, on_summary: Optional[Callable[[dict], None]] = None) -> TrainResult:
     tc = cfg.train
     seed_everything(tc.seed)
     model = build_model(cfg, device)
@@ -417,6 +420,8 @@ def _train(run_dir: Path, cfg: Config, device: torch.device, resume: bool, progr
                     runs.append_metrics(run_dir, last)
                     runs.write_status(run_dir, step=step, last={k: last[k] for k in ("loss", "ber")},
                                       skipped_total=skipped_total)
+                    if on_summary is not None:
+                        on_summary(last)
                     bar.set_postfix(loss=_fmt(last["loss"]), ber=_fmt(last["ber"]), refresh=False)
                     if not show_bar:
                         echo(f"step {step}/{tc.steps}  loss {_fmt(last['loss'])}  ber {_fmt(last['ber'])}  "
