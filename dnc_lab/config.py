@@ -79,6 +79,14 @@ class ModelConfig:
     native: bool = _f(True, "run the memory step as compiled C++ (dnc_lab/native.py; CPU, one write head): same "
                             "numbers, 2-3x faster; falls back to the reference step with a warning where it "
                             "cannot run (GPU, no C++ compiler)")
+    # Csordás & Schmidhuber (ICLR 2019); the native step implements none of them (the model then runs
+    # the reference step and says so).
+    masked_lookup: bool = _f(False, "masked content lookup: a sigmoid mask per head multiplies key and memory "
+                                    "rows before the cosine similarity")
+    mask_min: float = _f(0.0, "floor of the lookup masks (the paper: 0.1); needs masked_lookup", min=0.0, lt=1.0)
+    deallocation: bool = _f(False, "de-allocation erases memory: the retention vector also scales the cells")
+    link_sharpness: bool = _f(False, "sharpen the forward/backward link weightings with a learned exponent "
+                                     "per read head and direction")
 
 
 @dataclass
@@ -204,6 +212,9 @@ def config_from_dict(raw: Any, source: str = "<config>", overrides: typing.Seque
             sections[name] = _build(_SECTION_CLASSES[name], name, data, where)
     cfg = Config(**sections)
     _resolve_model_sizes(cfg, lambda key: origin.get(("model", key), source))
+    if cfg.model.mask_min and not cfg.model.masked_lookup:
+        raise ConfigError(f"{origin.get(('model', 'mask_min'), source)}: model.mask_min = {cfg.model.mask_min} "
+                          "has no effect without model.masked_lookup: true")
     return cfg
 
 

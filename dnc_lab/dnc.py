@@ -33,6 +33,7 @@ from dnc_lab.controller import make_controller, rnn_step, rnn_weights
 from dnc_lab.memory import STATE_KEYS, MemoryAccess, MemoryState
 
 RNN_TYPES = ("lstm", "gru", "rnn", "ff")
+VARIANT_FLAGS = ("masked_lookup", "deallocation", "link_sharpness")  # Csordás & Schmidhuber (ICLR 2019)
 NONLINEARITIES = ("tanh", "relu")
 _NATIVE_WARNED: set[str] = set()  # why native=True fell back, said once per process
 
@@ -48,9 +49,12 @@ class DNCCore(nn.Module):
     def __init__(self, input_size: int, hidden_size: int, rnn_type: str, num_layers: int, num_hidden_layers: int,
                  bias: bool, dropout: float, nr_cells: int, read_heads: int, cell_size: int, nonlinearity: str,
                  independent_linears: bool, share_memory: bool, clip: float, num_writes: int, fused_link: int,
-                 compile_step: bool = False, native: bool = False):
+                 compile_step: bool = False, native: bool = False, variants: Optional[dict[str, Any]] = None):
         super().__init__()
+        variants = dict(variants or {})
         self.native = native
+        # Csordás & Schmidhuber's variants that are on: the native step implements none of them.
+        self.variants_on = [name for name in VARIANT_FLAGS if variants.get(name)]
         self.rnn_type = rnn_type
         self.nonlinearity = nonlinearity
         self.compile_step = compile_step
@@ -67,7 +71,7 @@ class DNCCore(nn.Module):
         )
         self.memories = nn.ModuleList(
             MemoryAccess(hidden_size, nr_cells, cell_size, read_heads, num_writes, independent_linears, fused_link,
-                         native)
+                         native and not self.variants_on, **variants)
             for _ in range(1 if share_memory else num_layers)
         )
 
@@ -177,7 +181,9 @@ class DNCCore(nn.Module):
         if not self.native:
             return False
         reason = None
-        if self.memories[0].num_writes != 1:
+        if self.variants_on:
+            reason = f"it does not implement the DNC variants ({', '.join(self.variants_on)})"
+        elif self.memories[0].num_writes != 1:
             reason = f"it supports one write head, not num_writes={self.memories[0].num_writes}"
         elif x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
             reason = f"it runs on CPU float32/float64 tensors, not {x.device.type} {x.dtype}"
@@ -238,6 +244,11 @@ def _view_of_first_sample(state: MemoryState, interface) -> dict[str, torch.Tens
         free_gates=interface.free_gates[0].detach(),
         read_modes=interface.read_modes[0].detach().flatten(),
     )
+    # The variants' quantities, when the model has them.
+    for key in ("read_masks", "write_masks", "forward_sharpness", "backward_sharpness"):
+        value = getattr(interface, key)
+        if value is not None:
+            view[key] = value[0].detach().flatten()
     return view
 
 
@@ -284,6 +295,10 @@ class DNC(nn.Module):
         fused_link: int = 0,
         compile_step: bool = False,
         native: bool = False,
+        masked_lookup: bool = False,
+        mask_min: float = 0.0,
+        deallocation: bool = False,
+        link_sharpness: bool = False,
     ):
         super().__init__()
         rnn_type = rnn_type.lower() if isinstance(rnn_type, str) else rnn_type
@@ -312,11 +327,18 @@ class DNC(nn.Module):
         self.fused_link = fused_link
         self.compile_step = compile_step
         self.native = native
+        self.masked_lookup = masked_lookup
+        self.mask_min = mask_min
+        self.deallocation = deallocation
+        self.link_sharpness = link_sharpness
+        variants = dict(masked_lookup=masked_lookup, mask_min=mask_min, deallocation=deallocation,
+                        link_sharpness=link_sharpness)
 
         core_args = (input_size, hidden_size, rnn_type, num_layers, num_hidden_layers, bias, dropout, nr_cells,
                      read_heads, cell_size, nonlinearity, independent_linears, share_memory, clip, num_writes, fused_link)
         directions = 2 if bidirectional else 1
-        self.cores = nn.ModuleList(DNCCore(*core_args, compile_step=compile_step, native=native) for _ in range(directions))
+        self.cores = nn.ModuleList(DNCCore(*core_args, compile_step=compile_step, native=native,
+                                            variants=variants) for _ in range(directions))
         self.output = nn.Linear(directions * (hidden_size + read_heads * cell_size), self.output_size)
         self.to(_resolve_device(gpu_id, device))
 
@@ -345,7 +367,9 @@ class DNC(nn.Module):
         views: numpy arrays for batch element 0, one row per time step, taken after the top
         layer's memory step (forward direction): memory [T, N*W], link_matrix [T, H*N*N],
         precedence [T, H*N], read_weights [T, R*N], write_weights [T, H*N], usage_vector [T, N],
-        write_gate [T, H], allocation_gate [T, H], free_gates [T, R], read_modes [T, R*(2H+1)].
+        write_gate [T, H], allocation_gate [T, H], free_gates [T, R], read_modes [T, R*(2H+1)];
+        with ``masked_lookup`` also read_masks [T, R*W] and write_masks [T, H*W], with
+        ``link_sharpness`` forward_sharpness [T, R] and backward_sharpness [T, R].
         """
         return self._run(input, hx, reset_experience, True, True)
 
@@ -417,5 +441,13 @@ def _validate(args: dict[str, Any]) -> None:
             raise ValueError(f"{name}={value!r}: expected an integer >= 0 (0: off)")
     if args["native"] and args["fused_link"]:
         raise ValueError(f"native=True replaces fused_link={args['fused_link']}: set native=False to use fused_link")
+    for name in VARIANT_FLAGS:
+        if not isinstance(args[name], bool):
+            raise ValueError(f"{name}={args[name]!r}: expected True or False")
+    mask_min = args["mask_min"]
+    if isinstance(mask_min, bool) or not isinstance(mask_min, (int, float)) or not 0 <= mask_min < 1:
+        raise ValueError(f"mask_min={mask_min!r}: expected a number in [0, 1) (the floor of the lookup masks)")
+    if mask_min and not args["masked_lookup"]:
+        raise ValueError(f"mask_min={mask_min!r} has no effect without masked_lookup=True")
     if args["clip"] < 0:
         raise ValueError(f"clip={args['clip']!r}: expected >= 0 (0 disables clipping)")
