@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dnc_lab import addressing, fused, native
+from dnc_lab import addressing
 
 
 class MemoryState(TypedDict):
@@ -61,7 +61,7 @@ class MemoryStep(NamedTuple):
 
     read_vectors: torch.Tensor  # [B, R, W]
     state: MemoryState
-    interface: Optional[Interface]  # None from the native step, which does not return it
+    interface: Optional[Interface]  # None from a fast backend's step, which does not return it
 
 
 def interface_sizes(cell_size: int, read_heads: int, num_writes: int, masked_lookup: bool = False,
@@ -160,18 +160,14 @@ def initial_state(
     )
 
 
-def memory_step(prev: MemoryState, interface: Interface, fused_link: int = 0,
-                deallocation: bool = False) -> tuple[torch.Tensor, MemoryState]:
+def memory_step(prev: MemoryState, interface: Interface, deallocation: bool = False) -> tuple[torch.Tensor, MemoryState]:
     """One time step of the DNC memory: write, then read. Pure; returns (read vectors [B, R, W], new state).
 
+    This is the specification every backend (dnc_lab/backends/) is tested against.
     Csordás & Schmidhuber's variants: lookup masks in ``interface`` make both content lookups
     masked; sharpness exponents in ``interface`` sharpen the forward and backward weightings;
     ``deallocation`` erases what the free gates release (memory scaled by the retention vector ψ
     before the write).
-
-    fused_link = k > 0 computes the link matrix and the directional weightings with
-    ``fused.link_and_directional_weightings`` (same values; keeps a link matrix for the backward
-    pass only every k steps instead of two per step); 0 uses the reference functions.
 
     The order is the paper's: usage from the previous step's weightings and this step's free
     gates; allocation and content lookup on the previous memory; erase and write; link matrix and
@@ -195,13 +191,8 @@ def memory_step(prev: MemoryState, interface: Interface, fused_link: int = 0,
         # ψ_t again (usage() computes it inside): one [B, N] product, and usage() keeps the paper's signature.
         memory = addressing.deallocate(memory, addressing.retention(interface.free_gates, prev["read_weights"]))
     memory = addressing.erase_and_write(memory, write_weights, interface.erase_vectors, interface.write_vectors)
-    if fused_link:
-        link, forward, backward = fused.link_and_directional_weightings(
-            prev["link_matrix"], prev["precedence"], write_weights, prev["read_weights"], fused_link
-        )
-    else:
-        link = addressing.link_matrix(prev["link_matrix"], prev["precedence"], write_weights)
-        forward, backward = addressing.directional_weightings(link, prev["read_weights"])
+    link = addressing.link_matrix(prev["link_matrix"], prev["precedence"], write_weights)
+    forward, backward = addressing.directional_weightings(link, prev["read_weights"])
     if interface.forward_sharpness is not None:
         forward = addressing.sharpen(forward, interface.forward_sharpness)
         backward = addressing.sharpen(backward, interface.backward_sharpness)
@@ -238,8 +229,8 @@ class MemoryAccess(nn.Module):
     two are the same function class; the option exists so that pytorch-dnc configs keep working.
 
     ``masked_lookup`` (with its floor ``mask_min``), ``deallocation`` and ``link_sharpness`` are
-    Csordás & Schmidhuber's variants (see ``memory_step``); the native step implements none of
-    them, so ``native`` cannot be combined with them.
+    Csordás & Schmidhuber's variants (see ``memory_step``); a backend whose kernels lack one is
+    passed over by ``dnc_lab.backends.choose``.
     """
 
     def __init__(
@@ -250,21 +241,12 @@ class MemoryAccess(nn.Module):
         read_heads: int,
         num_writes: int = 1,
         independent_linears: bool = False,
-        fused_link: int = 0,
-        native: bool = False,
         masked_lookup: bool = False,
         mask_min: float = 0.0,
         deallocation: bool = False,
         link_sharpness: bool = False,
     ):
         super().__init__()
-        variants = [name for name, on in (("masked_lookup", masked_lookup), ("deallocation", deallocation),
-                                          ("link_sharpness", link_sharpness)) if on]
-        if native and variants:
-            raise ValueError(f"native=True: the native memory step does not implement {', '.join(variants)}; "
-                             "use native=False")
-        self.fused_link = fused_link
-        self.native = native
         self.mask_min = mask_min
         self.deallocation = deallocation
         self.nr_cells = nr_cells
@@ -295,17 +277,12 @@ class MemoryAccess(nn.Module):
             return torch.cat([layer(controller_output) for layer in self.fields.values()], dim=-1)
         return self.interface(controller_output)
 
-    def forward(self, controller_output: torch.Tensor, state: MemoryState, reference: bool = False) -> MemoryStep:
+    def forward(self, controller_output: torch.Tensor, state: MemoryState) -> MemoryStep:
         """controller_output [B, input_size], state -> MemoryStep(read_vectors [B, R, W], new state, interface).
 
-        With ``native`` the step runs in dnc_lab.native (same values) and ``interface`` is None,
-        unless ``reference`` asks for the reference path (the debug views show the gates; the
-        native step runs on the CPU only).
+        The reference step. A DNC with a fast backend calls the backend's ``memory_step`` on
+        ``raw_interface(controller_output)`` instead (dnc_lab/dnc.py).
         """
-        if self.native and not reference:
-            read_vectors, new_state = native.memory_step(self.raw_interface(controller_output),
-                                                         [state[key] for key in STATE_KEYS])
-            return MemoryStep(read_vectors, MemoryState(zip(STATE_KEYS, new_state)), None)
         interface = self.interface_from(controller_output)
-        read_vectors, new_state = memory_step(state, interface, self.fused_link, self.deallocation)
+        read_vectors, new_state = memory_step(state, interface, self.deallocation)
         return MemoryStep(read_vectors, new_state, interface)

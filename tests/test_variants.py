@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from dnc_lab import DNC, dnc
+from dnc_lab import DNC, backends
 from dnc_lab.config import ConfigError, config_from_dict
-from dnc_lab.memory import Interface, MemoryAccess, initial_state, interface_sizes, lookup_mask, memory_step, parse_interface
+from dnc_lab.memory import Interface, initial_state, interface_sizes, lookup_mask, memory_step, parse_interface
 
 D = torch.float64
 ALL_ON = dict(masked_lookup=True, mask_min=0.1, deallocation=True, link_sharpness=True)
@@ -141,18 +141,20 @@ def test_dnc_keywords_size_the_interface_and_show_the_new_views():
 
 
 @pytest.mark.parametrize("flag", ["masked_lookup", "deallocation", "link_sharpness"])
-def test_native_with_a_variant_runs_the_reference_step_and_says_why(flag, monkeypatch):
-    monkeypatch.setattr(dnc, "_NATIVE_WARNED", set())
+def test_a_backend_without_the_variant_is_passed_over_with_the_reason(flag, monkeypatch):
+    monkeypatch.setattr(backends, "_said", set())
     torch.manual_seed(1)
-    native = DNC(5, 8, nr_cells=6, read_heads=1, cell_size=3, native=True, **{flag: True})
-    reference = DNC(5, 8, nr_cells=6, read_heads=1, cell_size=3, **{flag: True})
-    reference.load_state_dict(native.state_dict())
+    auto = DNC(5, 8, nr_cells=6, read_heads=1, cell_size=3, **{flag: True})
+    assert auto.backend_choice().name == "reference"
+    assert f"native passed over: its kernels do not implement {flag}" in auto.backend_choice().reason
+    reference = DNC(5, 8, nr_cells=6, read_heads=1, cell_size=3, backend="reference", **{flag: True})
+    reference.load_state_dict(auto.state_dict())
     x = torch.randn(2, 4, 5)
-    with pytest.warns(UserWarning, match=f"does not implement the DNC variants \\({flag}\\)"):
-        out, _ = native(x)
-    assert torch.equal(out, reference(x)[0])
-    with pytest.raises(ValueError, match=f"native memory step does not implement {flag}"):
-        MemoryAccess(8, 6, 3, 1, native=True, **{flag: True})
+    assert torch.equal(auto(x)[0], reference(x)[0])
+    asked = DNC(5, 8, nr_cells=6, read_heads=1, cell_size=3, native=True, **{flag: True})
+    with pytest.warns(UserWarning, match=f"backend='native': using the reference memory step, because native "
+                                         f"passed over: its kernels do not implement {flag}"):
+        asked(x)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -171,7 +173,7 @@ def _config(**model):
 
 
 def test_config_passes_the_variants_to_the_model_and_checks_them():
-    cfg = config_from_dict(_config(native=False, **ALL_ON))
+    cfg = config_from_dict(_config(**ALL_ON))
     kwargs = cfg.model_kwargs()
     assert {k: kwargs[k] for k in ALL_ON} == ALL_ON
     DNC(**kwargs)  # the keywords are DNC's
