@@ -44,22 +44,24 @@ class Weights(NamedTuple):
 
 @torch.compiler.disable  # ctypes calls inside: a compiled caller runs this eagerly
 def run(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, reads: torch.Tensor, memory: list[torch.Tensor],
-        weights: Weights, clip: float, link_every: int = 1):
+        weights: Weights, clip: float, link_every: int = 1, kernels=native):
     """x [T, B, I], h0 and c0 [L, B, H], reads [B, R*W], memory: the six state tensors (memory.STATE_KEYS order).
 
     Returns features [T, B, H + R*W], h_T and c_T [L, B, H], reads_T [B, R*W], the six memory tensors at T.
     link_every = k keeps the incoming link matrix of every k-th step for backward and recomputes the
     others from it: links take ~(T/k + k)·B·N² floats instead of T·B·N², for one more pass over
     each link matrix. The values do not change. (k = 1 keeps every one; ``DNC(checkpoint_steps=k)``.)
+    kernels: the module whose memory_forward, memory_backward, link_forward, lstm_forward and
+    lstm_backward run the steps (dnc_lab.native, or dnc_lab.backends.triton on a GPU).
     """
     layers = len(weights.lstm)
     flat = [t for layer in weights.lstm for t in layer]
     args = (x, h0, c0, reads, *memory, *flat, weights.interface_weight, weights.interface_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
-        out = _Sequence.apply(layers, float(clip), max(1, int(link_every)), *args)
+        out = _Sequence.apply(layers, float(clip), max(1, int(link_every)), kernels, *args)
     else:  # no graph: keep nothing for backward (link_every 0), so memory does not grow with T
         with torch.no_grad():
-            out = _Sequence.forward(None, layers, float(clip), 0, *args)
+            out = _Sequence.forward(None, layers, float(clip), 0, kernels, *args)
     features, h_t, c_t, reads_t, *memory_t = out
     return features, h_t, c_t, reads_t, list(memory_t)
 
@@ -70,7 +72,7 @@ def _linear_sum(bias_a: Optional[torch.Tensor], bias_b: Optional[torch.Tensor]) 
     return bias_a if bias_b is None else bias_a + bias_b
 
 
-def _incoming_link(kept_memory: list, t: int, every: int, segment: list[torch.Tensor]) -> torch.Tensor:
+def _incoming_link(kept_memory: list, t: int, every: int, segment: list[torch.Tensor], kernels) -> torch.Tensor:
     """L_{t-1} for a step whose incoming link was not kept, from its segment's checkpoint.
 
     Backward visits a segment's steps last to first; at its last step (the first visited) the
@@ -82,13 +84,13 @@ def _incoming_link(kept_memory: list, t: int, every: int, segment: list[torch.Te
         for u in range(start, t):
             step = kept_memory[u]
             # step[3] is p_{u-1}, step[9] the new write weights w^w_u (native.memory_forward's kept)
-            link = native.link_forward(link, step[3], step[9], segment[u - start])
+            link = kernels.link_forward(link, step[3], step[9], segment[u - start])
     return segment[t - 1 - start]
 
 
 class _Sequence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, layers, clip, link_every, x, h0, c0, reads, *rest):
+    def forward(ctx, layers, clip, link_every, kernels, x, h0, c0, reads, *rest):
         memory = list(rest[:6])
         lstm = [rest[6 + 4 * l: 10 + 4 * l] for l in range(layers)]
         w_xi, b_xi = rest[6 + 4 * layers], rest[7 + 4 * layers]
@@ -134,7 +136,7 @@ class _Sequence(torch.autograd.Function):
                     gates = torch.mm(layer_input, recurrent[l].t())
                 else:
                     gates = torch.addmm(base, layer_input, recurrent[l].t())
-                h[l] = native.lstm_forward(gates, cells[l][t], activations[l][t], cells[l][t + 1], cell_tanhs[l][t])
+                h[l] = kernels.lstm_forward(gates, cells[l][t], activations[l][t], cells[l][t + 1], cell_tanhs[l][t])
                 below = h[l]
             tops[t] = below
             hidden = features[t, :, :hidden_size]
@@ -146,7 +148,7 @@ class _Sequence(torch.autograd.Function):
                 torch.addmm(b_xi, hidden, w_xi.t(), out=xi)
             # L_t is step t+1's incoming link: kept if t+1 is a checkpoint step, and the final one.
             keep_link = t == steps - 1 or (not inference and (link_every == 1 or (t + 1) % link_every == 0))
-            outputs, kept = native.memory_forward(xi, memory, None if keep_link else scratch_links[t % 2])
+            outputs, kept = kernels.memory_forward(xi, memory, None if keep_link else scratch_links[t % 2])
             if not inference:
                 if t % link_every:
                     kept[2] = None  # in a scratch buffer: recomputed in backward
@@ -160,6 +162,7 @@ class _Sequence(torch.autograd.Function):
         if inference:
             return (features, h_t, c_t, reads, *memory)
         ctx.layers, ctx.clip, ctx.steps, ctx.inputs, ctx.link_every = layers, clip, steps, inputs, link_every
+        ctx.kernels = kernels
         ctx.has_bias = (lstm[0][2] is not None, lstm[0][3] is not None, b_xi is not None)
         # Each step's memory tensors are released as soon as backward has passed that step, so they
         # are held here rather than by save_for_backward (which keeps everything to the end). The
@@ -175,6 +178,7 @@ class _Sequence(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_features, grad_h_t, grad_c_t, grad_reads_t, *grad_memory_t):
         layers, clip, steps, inputs, link_every = ctx.layers, ctx.clip, ctx.steps, ctx.inputs, ctx.link_every
+        kernels = ctx.kernels
         saved = ctx.saved_tensors
         x, w_ih0, w_xi, tops, features, interfaces = saved[:6]
         at = 6
@@ -204,10 +208,10 @@ class _Sequence(torch.autograd.Function):
         for t in reversed(range(steps)):
             kept = list(kept_memory[t])
             if kept[2] is None:
-                kept[2] = _incoming_link(kept_memory, t, link_every, segment)
+                kept[2] = _incoming_link(kept_memory, t, link_every, segment, kernels)
             grad_step_reads = grad_features[t, :, hidden_size:] + grad_reads
             results = [grad_interfaces[t]] + spare
-            memory_grads = native.memory_backward(kept, [grad_step_reads.view(kept[4].shape[0], -1, kept[1].shape[-1]),
+            memory_grads = kernels.memory_backward(kept, [grad_step_reads.view(kept[4].shape[0], -1, kept[1].shape[-1]),
                                                          *grad_memory], results)
             grad_memory = memory_grads[1:]
             kept = kept_memory[t] = None  # this step's memory tensors are not needed any more
@@ -219,7 +223,7 @@ class _Sequence(torch.autograd.Function):
             for l in reversed(range(layers)):
                 grad_h_l = grad_below + grad_h[l]
                 g = grad_gates[l][t]
-                grad_c[l] = native.lstm_backward(activations[l][t], cells[l][t], cell_tanhs[l][t], grad_h_l, grad_c[l], g)
+                grad_c[l] = kernels.lstm_backward(activations[l][t], cells[l][t], cell_tanhs[l][t], grad_h_l, grad_c[l], g)
                 grad_input = torch.mm(g, recurrent[l])  # [B, in + H]: the layer input's and h_{t-1}'s gradients
                 split = read_size if l == 0 else hidden_size
                 grad_below = grad_input[:, :split]
@@ -245,6 +249,6 @@ class _Sequence(torch.autograd.Function):
         gi = flat(grad_interfaces)
         grad_w_xi = gi.t().mm(flat(features[:, :, :hidden_size]))
         grad_b_xi = gi.sum(0) if has_bias_xi else None
-        grad_x = torch.matmul(grad_gates[0], w_ih0[:, :inputs]) if ctx.needs_input_grad[3] else None
-        return (None, None, None, grad_x, torch.stack(grad_h), torch.stack(grad_c), grad_reads, *grad_memory,
+        grad_x = torch.matmul(grad_gates[0], w_ih0[:, :inputs]) if ctx.needs_input_grad[4] else None
+        return (None, None, None, None, grad_x, torch.stack(grad_h), torch.stack(grad_c), grad_reads, *grad_memory,
                 *grads_lstm, grad_w_xi, grad_b_xi)
