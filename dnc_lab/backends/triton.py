@@ -100,6 +100,9 @@ from collections import Counter
 from typing import NamedTuple, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
+
+from dnc_lab.backends import Saved
 
 try:
     import triton
@@ -149,6 +152,20 @@ def launch_count() -> int:
     return sum(LAUNCHES.values())
 
 
+SUPPORTED_VARIANTS: tuple = ()  # none of dnc_lab.backends.VARIANTS
+
+
+def unsupported(config, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why a DNC of ``config`` (dnc.CoreConfig) cannot run here on ``dtype`` tensors on ``device``; None if it can."""
+    if device.type not in ("cuda", "cpu") or (device.type == "cpu" and not _interpreted()):
+        return f"it runs on CUDA (on the CPU only in Triton's interpreter, TRITON_INTERPRET=1), not on {device.type}"
+    if dtype not in (torch.float32, torch.float64):
+        return f"it computes in float32 or float64, not {dtype}"
+    if config.num_writes != 1:
+        return f"it has one write head, not num_writes={config.num_writes}"
+    return None
+
+
 def _check(device: torch.device, dtype: torch.dtype) -> None:
     ok, why = available()
     if not ok:
@@ -157,6 +174,36 @@ def _check(device: torch.device, dtype: torch.dtype) -> None:
         raise TypeError(f"the Triton kernels take float32 or float64 tensors, got {dtype}")
     if device.type == "cpu" and not _interpreted():
         raise RuntimeError("the Triton kernels got CPU tensors: they run on CUDA, or on the CPU with TRITON_INTERPRET=1")
+
+
+_STATE_NAMES = ("memory", "link_matrix", "precedence", "read_weights", "write_weights", "usage_vector")
+
+
+def _check_step(raw: torch.Tensor, state: list[torch.Tensor]) -> tuple[int, int, int, int]:
+    """Raise unless raw [B, S] and the six state tensors share one device and dtype and have consistent shapes
+    for one write head. Returns (B, N, W, R)."""
+    if len(state) != 6:
+        raise ValueError(f"Triton memory step: expected the six state tensors {list(_STATE_NAMES)}, got {len(state)}")
+    memory, link, read_weights = state[0], state[1], state[3]
+    _check(memory.device, memory.dtype)
+    if memory.dim() != 3 or read_weights.dim() != 3:
+        raise ValueError(f"Triton memory step: memory has shape {tuple(memory.shape)} and read_weights "
+                         f"{tuple(read_weights.shape)}, expected [B, N, W] and [B, R, N]")
+    b, n, w = memory.shape
+    r = read_weights.shape[1]
+    if link.dim() == 4 and link.shape[1] != 1:
+        raise ValueError(f"Triton memory step: it has one write head; the link matrix is {tuple(link.shape)}, "
+                         f"expected [{b}, 1, {n}, {n}]")
+    shapes = [(b, n, w), (b, 1, n, n), (b, 1, n), (b, r, n), (b, 1, n), (b, n)]
+    for name, tensor, shape in zip(_STATE_NAMES, state, shapes):
+        if tuple(tensor.shape) != shape or tensor.dtype != memory.dtype or tensor.device != memory.device:
+            raise ValueError(f"Triton memory step: {name} is {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}, "
+                             f"expected {memory.dtype} {list(shape)} on {memory.device} (B={b}, N={n}, W={w}, R={r})")
+    size = r * w + 3 * w + 5 * r + 3
+    if tuple(raw.shape) != (b, size) or raw.dtype != memory.dtype or raw.device != memory.device:
+        raise ValueError(f"Triton memory step: the raw interface is {raw.dtype} {tuple(raw.shape)} on {raw.device}, "
+                         f"expected {memory.dtype} [{b}, {size}] on {memory.device} (for N={n}, W={w}, R={r})")
+    return b, n, w, r
 
 
 class _Blocks(NamedTuple):
@@ -207,7 +254,7 @@ class _Layout:
 
 @functools.lru_cache(maxsize=None)
 def _kept_layout(n: int, r: int) -> _Layout:
-    """What forward keeps for backward (``kept[10]``), per batch element."""
+    """What forward keeps for backward (``Saved.extra[0]``), per batch element."""
     return _Layout(write_content=n, write_cosine=n, prev_norms=n, allocation=n, sorted_usage=n, before=n,
                    new_norms=n, scratch=n, forward=r * n, backward=r * n, read_content=r * n, read_cosine=r * n,
                    key_norms=r + 1)
@@ -835,24 +882,19 @@ def _contiguous(tensors) -> list[torch.Tensor]:
 
 
 def memory_forward(raw: torch.Tensor, state: list[torch.Tensor], link_out: Optional[torch.Tensor] = None
-                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                   ) -> tuple[list[torch.Tensor], Saved]:
     """raw [B, S], state (memory, link, precedence, read weights, write weights, usage) ->
-    (outputs: reads [B, R, W] and the six new state tensors, kept: what ``memory_backward`` needs).
+    (outputs: reads [B, R, W] and the six new state tensors, saved: what ``memory_backward`` needs).
 
     link_out: a contiguous [B, 1, N, N] tensor to write the new link matrix to (a new one if None).
-    kept[0:7] are the seven inputs, kept[7:10] the new memory, read weights and write weights, then this
-    module's own: per-element saved values and the allocation ranks.
+    saved.extra is this module's own: (per-element values kept for backward [B, size], allocation ranks [B, N]).
     """
-    memory, link, precedence, read_weights, write_weights, usage = state
-    b, n, w = memory.shape
-    r = read_weights.shape[1]
-    _check(memory.device, memory.dtype)
-    if link.shape[1] != 1:
-        raise ValueError(f"the Triton memory step has one write head; the link matrix is {tuple(link.shape)}, "
-                         f"expected [{b}, 1, {n}, {n}]")
-    size = r * w + 3 * w + 5 * r + 3
-    if raw.shape != (b, size):
-        raise ValueError(f"raw interface is {tuple(raw.shape)}, expected [{b}, {size}] for {r} read heads of width {w}")
+    b, n, w, r = _check_step(raw, state)
+    memory = state[0]
+    if link_out is not None and (tuple(link_out.shape) != (b, 1, n, n) or link_out.dtype != memory.dtype
+                                 or link_out.device != memory.device or not link_out.is_contiguous()):
+        raise ValueError(f"link_out must be a contiguous {memory.dtype} [{b}, 1, {n}, {n}] tensor on {memory.device}, "
+                         f"got {link_out.dtype} {tuple(link_out.shape)} on {link_out.device}")
     inputs = _contiguous((raw, *state))
     blocks = _blocks(n, w, r)
     new = memory.new_empty
@@ -877,26 +919,34 @@ def memory_forward(raw: torch.Tensor, state: list[torch.Tensor], link_out: Optio
     _launch(_read_kernel, (b,), raw_c, memory_new, views["forward"], views["backward"], views["read_content"],
             partial, read_new, reads, aux.stride(0), num_warps=warps,
             **blocks.meta("N", "W", "R", "BLOCK_N", "BLOCK_W", "BLOCK_R", "ROWS", "LINK"))
-    kept = inputs + [memory_new, read_new, write_new, aux, rank]
-    return outputs, kept
+    return outputs, Saved(*inputs, memory_new, read_new, write_new, (aux, rank))
 
 
-def memory_backward(kept: list[torch.Tensor], grads: list[torch.Tensor],
-                    results: Optional[list[torch.Tensor]] = None) -> list[torch.Tensor]:
-    """kept (from ``memory_forward``), grads of its seven outputs -> grads of raw and the six state tensors.
+def memory_backward(saved: Saved, grads: list[torch.Tensor], results: Optional[list[torch.Tensor]] = None
+                    ) -> list[torch.Tensor]:
+    """saved (from ``memory_forward``), grads of its seven outputs -> grads of raw and the six state tensors.
 
     results: seven contiguous tensors to write them to (shaped like raw and the state); new ones if None.
     The six state gradients may be the very tensors passed in ``grads`` (each is read before its result is
     written), which lets a caller stepping backward through time reuse one set.
     """
-    raw, memory_prev, link_prev, precedence_prev, read_prev, write_prev, usage_prev, memory, read_new, write_new, \
-        aux, rank = kept
-    b, n, w = memory_prev.shape
-    r = read_prev.shape[1]
-    _check(memory_prev.device, memory_prev.dtype)
+    raw, memory_prev, link_prev, precedence_prev, read_prev, write_prev, usage_prev = saved[:7]
+    memory, read_new, write_new = saved.new_memory, saved.new_read_weights, saved.new_write_weights
+    aux, rank = saved.extra
+    b, n, w, r = _check_step(raw, list(saved[1:7]))
+    if len(grads) != 7:
+        raise ValueError(f"Triton memory backward: expected 7 gradients (reads and the six state tensors), "
+                         f"got {len(grads)}")
+    shapes = [(b, r, w), (b, n, w), (b, 1, n, n), (b, 1, n), (b, r, n), (b, 1, n), (b, n)]
+    for name, grad, shape in zip(("reads", *_STATE_NAMES), grads, shapes):
+        if tuple(grad.shape) != shape or grad.dtype != raw.dtype or grad.device != raw.device:
+            raise ValueError(f"Triton memory backward: the gradient of {name} is {grad.dtype} {tuple(grad.shape)} on "
+                             f"{grad.device}, expected {raw.dtype} {list(shape)} on {raw.device}")
     grad_reads, grad_memory, grad_link, grad_precedence, grad_read, grad_write, grad_usage = _contiguous(grads)
     if results is None:
-        results = [torch.empty_like(t) for t in kept[:7]]
+        results = [torch.empty_like(t) for t in saved[:7]]
+    elif any(not t.is_contiguous() or t.shape != x.shape for t, x in zip(results, saved[:7])):
+        raise ValueError("Triton memory backward: results must be seven contiguous tensors shaped like raw and the state")
     g_raw, g_memory, g_link, g_precedence, g_read, g_write, g_usage = results
     blocks = _blocks(n, w, r)
     views = _kept_layout(n, r).views(aux)
@@ -971,3 +1021,33 @@ def lstm_backward(act: torch.Tensor, c_prev: torch.Tensor, tanh_c: torch.Tensor,
     _launch(_lstm_backward_kernel, (-(-total // block),), act, c_prev, tanh_c, grad_h, grad_c, grad_gates,
             grad_c_prev, total, H=h, BLOCK=block)
     return grad_c_prev
+
+
+# ---- The step with autograd --------------------------------------------------------------------------------
+
+
+class _MemoryStep(torch.autograd.Function):
+    """(raw interface [B, S], the six state tensors) -> (reads [B, R, W], the six new state tensors)."""
+
+    @staticmethod
+    def forward(ctx, raw, *state):
+        outputs, saved = memory_forward(raw, list(state))
+        ctx.save_for_backward(*saved.tensors())
+        return tuple(outputs)
+
+    @staticmethod
+    @once_differentiable  # the backward kernels are not themselves differentiable: refuse double backward
+    def backward(ctx, *grads):
+        return tuple(memory_backward(Saved.from_tensors(ctx.saved_tensors), list(grads)))
+
+
+@torch.compiler.disable
+def memory_step(raw_interface: torch.Tensor, state: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One memory step from the raw interface vector, with autograd: (read vectors [B, R, W], new state).
+
+    raw_interface [B, S], the fields in ``memory.interface_sizes`` order, before their nonlinearities; state:
+    the six state tensors in ``memory.STATE_KEYS`` order (link_matrix [B, 1, N, N]), and the new state in the
+    same order.
+    """
+    reads, *new_state = _MemoryStep.apply(raw_interface, *state)
+    return reads, new_state
