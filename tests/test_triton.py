@@ -406,6 +406,22 @@ def test_1024_cells_match_reference():
     compare(1, 1024, 4, 1, 1, seed=1024)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype, sizes", [("fp32", ("16", "20", "4")), ("fp64", ("7", "5", "3")),
+                                          ("fp32", ("1024", "64", "1"))])
+def test_kernels_compile_for_a_gpu(dtype, sizes):
+    """Triton's interpreter runs Python and is more permissive than its compiler; this compiles every kernel for
+    an sm_90 GPU (no GPU needed) so that CI catches what only the compiler refuses."""
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "dnc_lab.backends.triton", dtype, *sizes], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(result.stdout.splitlines()) == 9 and "_write_backward_kernel" in result.stdout
+
+
 # ---- Compiled for a GPU (skipped without one; `make gpu-check` runs them) ------------------------------------------
 
 @pytest.mark.cuda

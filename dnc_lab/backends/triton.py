@@ -1051,3 +1051,57 @@ def memory_step(raw_interface: torch.Tensor, state: list[torch.Tensor]) -> tuple
     """
     reads, *new_state = _MemoryStep.apply(raw_interface, *state)
     return reads, new_state
+
+
+# ---- Compiling without a GPU ----------------------------------------------------------------------------------
+
+
+def compile_kernels(dtype: str = "fp32", cells: int = 16, width: int = 20, heads: int = 4, arch: int = 90) -> list[str]:
+    """Compile every kernel for an sm_``arch`` GPU with the given sizes (no GPU needed: Triton's front end, its
+    passes and the bundled ptxas), and return one line per kernel. Raises on a kernel that only the interpreter
+    accepts. Needs TRITON_INTERPRET unset when this module was imported (the kernels are then JIT functions).
+    """
+    import inspect
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if _interpreted():
+        raise RuntimeError("compile_kernels needs the kernels compiled, not interpreted: unset TRITON_INTERPRET")
+    blocks = _blocks(cells, width, heads)
+    ints = {"aux_stride", "work_stride", "TOTAL"}
+    target = GPUTarget("cuda", arch, 32)
+
+    def build(kernel, constexprs: dict, warps: int = 4) -> str:
+        signature = {}
+        for name in inspect.signature(kernel.fn).parameters:
+            signature[name] = ("constexpr" if name in constexprs else "i64" if name in ints
+                               else "*i32" if name == "rank" else f"*{dtype}")
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target,
+                                  options={"num_warps": warps})
+        return f"{kernel.fn.__name__}: {len(compiled.asm['cubin'])} bytes of sm_{arch} code"
+
+    m = blocks.meta
+    warps = _warps(blocks)
+    return [
+        build(_write_kernel, m("N", "W", "R", "BLOCK_N", "BLOCK_W", "BLOCK_R", "ROWS", "RANK"), warps),
+        build(_link_kernel, dict(m("N", "R", "BLOCK_R", "LINK"), WEIGHTINGS=True)),
+        build(_link_kernel, dict(N=cells, R=1, BLOCK_R=1, LINK=blocks.LINK, WEIGHTINGS=False)),
+        build(_read_kernel, m("N", "W", "R", "BLOCK_N", "BLOCK_W", "BLOCK_R", "ROWS", "LINK"), warps),
+        build(_read_backward_kernel, m("N", "W", "R", "BLOCK_N", "BLOCK_W", "BLOCK_R", "ROWS"), warps),
+        build(_link_backward_kernel, m("N", "R", "BLOCK_R", "LINK")),
+        build(_write_backward_kernel, m("N", "W", "R", "BLOCK_N", "BLOCK_W", "BLOCK_R", "ROWS", "LINK"), warps),
+        build(_lstm_forward_kernel, dict(H=width, BLOCK=_LSTM_BLOCK)),
+        build(_lstm_backward_kernel, dict(H=width, BLOCK=_LSTM_BLOCK)),
+    ]
+
+
+if __name__ == "__main__":  # `python -m dnc_lab.backends.triton [fp32|fp64] [N W R]`: compile every kernel, no GPU needed
+    import sys
+
+    if triton is None:
+        raise SystemExit(f"dnc_lab Triton kernels: {_IMPORT_ERROR}")
+    args = sys.argv[1:]
+    sizes = [int(a) for a in args[1:4]] if len(args) >= 4 else []
+    for line in compile_kernels(args[0] if args else "fp32", *sizes):
+        print(line)
