@@ -147,9 +147,10 @@ def _launch(kernel, grid: tuple, *args, **meta) -> None:
     kernel[grid](*args, **meta)
 
 
-def launch_count() -> int:
-    """Kernel launches so far, all kernels together."""
-    return sum(LAUNCHES.values())
+def _empty(like: torch.Tensor, *shape: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Every output and scratch buffer of this module: uninitialised memory, no fill kernel. (Tests fill it with
+    NaN instead, to show that no kernel reads an element that no kernel wrote.)"""
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
 
 
 SUPPORTED_VARIANTS: tuple = ()  # none of dnc_lab.backends.VARIANTS
@@ -897,13 +898,13 @@ def memory_forward(raw: torch.Tensor, state: list[torch.Tensor], link_out: Optio
                          f"got {link_out.dtype} {tuple(link_out.shape)} on {link_out.device}")
     inputs = _contiguous((raw, *state))
     blocks = _blocks(n, w, r)
-    new = memory.new_empty
+    new = functools.partial(_empty, memory)
     link_out = new(b, 1, n, n) if link_out is None else link_out
     outputs = [new(b, r, w), new(b, n, w), link_out, new(b, 1, n), new(b, r, n), new(b, 1, n), new(b, n)]
     layout = _kept_layout(n, r)
     aux = new(b, layout.size)
     views = layout.views(aux)
-    rank = torch.empty(b, n, dtype=torch.int32, device=memory.device)
+    rank = _empty(memory, b, n, dtype=torch.int32)
     partial = new(b, blocks.link_tiles, r, n)
     warps = _warps(blocks)
     raw_c, memory_prev, link_prev, precedence_prev, read_prev, write_prev, usage_prev = inputs
@@ -944,16 +945,16 @@ def memory_backward(saved: Saved, grads: list[torch.Tensor], results: Optional[l
                              f"{grad.device}, expected {raw.dtype} {list(shape)} on {raw.device}")
     grad_reads, grad_memory, grad_link, grad_precedence, grad_read, grad_write, grad_usage = _contiguous(grads)
     if results is None:
-        results = [torch.empty_like(t) for t in saved[:7]]
+        results = [_empty(t, *t.shape) for t in saved[:7]]
     elif any(not t.is_contiguous() or t.shape != x.shape for t, x in zip(results, saved[:7])):
         raise ValueError("Triton memory backward: results must be seven contiguous tensors shaped like raw and the state")
     g_raw, g_memory, g_link, g_precedence, g_read, g_write, g_usage = results
     blocks = _blocks(n, w, r)
     views = _kept_layout(n, r).views(aux)
     work_layout = _work_layout(n, r)
-    work = memory_prev.new_empty(b, work_layout.size)
+    work = _empty(memory_prev, b, work_layout.size)
     scratch = work_layout.views(work)
-    partial = memory_prev.new_empty(b, blocks.link_tiles, r + 2, n)
+    partial = _empty(memory_prev, b, blocks.link_tiles, r + 2, n)
     warps = _warps(blocks)
     _launch(_read_backward_kernel, (b,), raw, memory_prev, memory, read_new, write_new,
             *(views[k] for k in ("forward", "backward", "read_content", "read_cosine", "new_norms", "key_norms")),
@@ -1001,7 +1002,7 @@ def lstm_forward(gates: torch.Tensor, c_prev: torch.Tensor, act: torch.Tensor, c
     _check(gates.device, gates.dtype)
     gates, c_prev = _contiguous((gates, c_prev))
     b, h = c_prev.shape
-    out = torch.empty_like(c_prev)
+    out = _empty(c_prev, b, h)
     total = b * h
     block = min(_LSTM_BLOCK, _pow2(total))
     _launch(_lstm_forward_kernel, (-(-total // block),), gates, c_prev, act, c, tanh_c, out, total, H=h, BLOCK=block)
@@ -1015,7 +1016,7 @@ def lstm_backward(act: torch.Tensor, c_prev: torch.Tensor, tanh_c: torch.Tensor,
     _check(act.device, act.dtype)
     c_prev, grad_h, grad_c = _contiguous((c_prev, grad_h, grad_c))
     b, h = c_prev.shape
-    grad_c_prev = torch.empty_like(c_prev)
+    grad_c_prev = _empty(c_prev, b, h)
     total = b * h
     block = min(_LSTM_BLOCK, _pow2(total))
     _launch(_lstm_backward_kernel, (-(-total // block),), act, c_prev, tanh_c, grad_h, grad_c, grad_gates,
