@@ -203,7 +203,11 @@ def test_ties_go_to_the_lowest_cell(small_tiles):
     torch.testing.assert_close(write_weights, reference[5][0, 0], **TOL)
     for name, a, b in zip(["reads", *M.STATE_KEYS], outputs, reference):
         torch.testing.assert_close(a, b, **TOL, msg=name)
+    # Gradients through the tied order too (gates half open, so that every path carries some).
+    raw[:, gates_at:gates_at + 2] = 0.5
+    assert_match(*run_both([raw], state, width, heads, torch.Generator().manual_seed(1)), TOL)
     # Every cell tied: the free list is the cells in order, allocation goes to cell 0.
+    raw[:, gates_at:gates_at + 2] = 30.0
     state[5] = torch.full_like(usage, 0.3)
     outputs, _ = kernels.memory_forward(raw, state)
     assert int(outputs[5][0, 0].argmax()) == 0
@@ -395,6 +399,22 @@ def test_bad_inputs_are_refused_with_a_reason():
         kernels.memory_forward(raw, two_heads)
     with pytest.raises(TypeError, match="float32 or float64 tensors, got torch.float16"):
         kernels.memory_forward(raw.half(), [s.half() for s in state])
+
+
+def test_unsupported_says_why(monkeypatch):
+    """The reasons backends.choose records when it passes this backend over."""
+    class Config:  # what unsupported() reads of a dnc.CoreConfig
+        num_writes = 1
+
+    cuda_device, cpu = torch.device("cuda"), torch.device("cpu")
+    assert kernels.unsupported(Config, cuda_device, torch.float32) is None
+    assert kernels.unsupported(Config, cuda_device, torch.float16) == "it computes in float32 or float64, not torch.float16"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernels.unsupported(Config, cpu, torch.float64) is None
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert kernels.unsupported(Config, cpu, torch.float64).startswith("it runs on CUDA (on the CPU only in Triton's")
+    Config.num_writes = 2
+    assert kernels.unsupported(Config, cuda_device, torch.float64) == "it has one write head, not num_writes=2"
 
 
 def test_available_says_why_not(monkeypatch):
