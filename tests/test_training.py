@@ -66,7 +66,7 @@ def test_masked_bce_counts_only_masked_steps():
 def test_parse_lengths():
     assert parse_lengths("1-3,8, 5") == [1, 2, 3, 5, 8]
     for bad in ("", "0", "3-1", "a", "1-x"):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="length"):
             parse_lengths(bad)
 
 

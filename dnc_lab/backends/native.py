@@ -87,15 +87,20 @@ def _cache_dir() -> Path:
     return Path(root) / "native"
 
 
-def _build() -> ctypes.CDLL:
-    compiler = os.environ.get("CXX") or "g++"
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C++ compiler: '{compiler}' is not on PATH (install g++, or set CXX)")
+def library_path(compiler: str) -> Path:
+    """Where the build for this source, compiler (and its version), flags and CPU lives in the cache."""
     key = hashlib.sha256(b"\0".join([
         SOURCE.read_bytes(), compiler.encode(), _compiler_id(compiler).encode(), " ".join(FLAGS).encode(),
         _cpu_id().encode(),
     ])).hexdigest()[:16]
-    target = _cache_dir() / f"kernels-{key}.so"
+    return _cache_dir() / f"kernels-{key}.so"
+
+
+def _build() -> ctypes.CDLL:
+    compiler = os.environ.get("CXX") or "g++"
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler: '{compiler}' is not on PATH (install g++, or set CXX)")
+    target = library_path(compiler)
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         # Build beside the target and rename: several processes may build at once.
