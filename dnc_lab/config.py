@@ -209,6 +209,7 @@ def config_from_dict(raw: Any, source: str = "<config>", overrides: typing.Seque
             sections[name] = _build(_SECTION_CLASSES[name], name, data, where)
     cfg = Config(**sections)
     _resolve_model_sizes(cfg, lambda key: origin.get(("model", key), source))
+    _check_backend(cfg.model, lambda key: origin.get(("model", key), source))
     return cfg
 
 
@@ -335,6 +336,16 @@ def _resolve_model_sizes(cfg: Config, where) -> None:
             raise ConfigError(f"{where(key)}: model.{key} = {given} conflicts with task {cfg.task.name!r}, "
                               f"which needs {needed}; remove the key (it follows from the task)")
         setattr(cfg.model, key, needed)
+
+
+def _check_backend(model: ModelConfig, where) -> None:
+    """model.native (the earlier key) must agree with model.backend when both are given."""
+    if model.native is None:
+        return
+    alias = "native" if model.native else "reference"
+    if model.backend not in ("auto", alias):
+        raise ConfigError(f"{where('native')}: model.native = {str(model.native).lower()} means backend: {alias}, "
+                          f"but model.backend = {model.backend}; keep only model.backend")
 
 
 def _suggest(name: str, options: typing.Iterable[str]) -> str:
