@@ -70,15 +70,17 @@ def test_parse_lengths():
             parse_lengths(bad)
 
 
-@pytest.mark.parametrize("on_device", [False, True], ids=["host-branch", "device-side-undo"])
+@pytest.mark.parametrize("on_device", [False, True], ids=["host-branch", "found-inf-as-on-cuda"])
 @pytest.mark.parametrize("name, extra", [("adam", {}), ("rmsprop", {"momentum": 0.5}), ("rmsprop", {"tf_style": True}),
                                          ("sgd", {"momentum": 0.9})])
 def test_guarded_step_skips_nonfinite_updates_exactly(name, extra, on_device):
+    """On the CPU a bad step is skipped on the host; ``on_device`` runs the path used on CUDA (fused
+    Adam/SGD or dnc_lab's RMSprop reading ``found_inf``), here on the CPU."""
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     with pytest.warns(UserWarning, match="diverge") if name == "sgd" else _nothing():
         opt = build_optimizer(list(model.parameters()), TrainConfig(optimizer=name, lr=0.1, **extra),
-                              torch.device("cpu"))
+                              torch.device("cpu"), device_guard=on_device)
 
     def step(x: torch.Tensor) -> None:
         opt.zero_grad()
