@@ -326,3 +326,16 @@ def test_resume_names_the_checkpoint_format_versions(tmp_path):
     with pytest.raises(runs.ResumeError, match=r"checkpoint of step 4: checkpoint format version 1, but this dnc_lab "
                                                r"reads version 2 only"):
         training.train(run_dir, cfg, torch.device("cpu"), resume=True, echo=lambda *a: None)
+
+
+def test_cuda_only_options_on_the_cpu_say_so_and_change_nothing(tmp_path):
+    quiet = lambda *a: None  # noqa: E731
+    plain_dir, plain = new_run(tmp_path, tiny(steps=4), "plain")
+    training.train(plain_dir, plain, torch.device("cpu"), progress=False, echo=quiet)
+    said = []
+    run_dir, cfg = new_run(tmp_path, tiny(steps=4, cuda_graph=True, tf32=True), "gpu-options")
+    training.train(run_dir, cfg, torch.device("cpu"), progress=False, echo=said.append)
+    assert "note: train.cuda_graph has no effect on cpu (CUDA graphs need a GPU); steps run eagerly" in said
+    assert "note: train.tf32 has no effect on cpu (TF32 is a mode of NVIDIA GPUs)" in said
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("time", "steps_per_s")} for r in rows]  # noqa
+    assert strip(runs.read_metrics(run_dir)) == strip(runs.read_metrics(plain_dir))
