@@ -210,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         return code == 0
 
     if "bench" not in skip:
-        all_ok &= bench("bench a,b,c at batch 1000", ["--configs", "a,b,c", "--batch", "1000", "--repeats", "8", "--warmup", "1"], 160)
+        all_ok &= bench("bench a,b,c at batch 1000",
+                        ["--configs", "a,b,c", "--batch", "1000", "--repeats", "8", "--warmup", "1"], 160)
 
     if "train" not in skip:
         code, text, secs = run([sys.executable, "-m", "dnc_lab.cli", "train", "configs/copy.yaml", "--cuda", "0",
