@@ -216,7 +216,7 @@ CHECKPOINT_VERSION = 2
 # model keys that choose a backend without changing the parameters. Refused: every other model.*
 # and task.* key (they define the parameters' shapes and meaning, and the data). An allowed change
 # is reported when the run resumes, so none passes silently.
-RESUME_MODEL_KEYS_ALLOWED = frozenset({"native", "backend", "compile_step", "fused_link", "checkpoint_steps"})
+RESUME_MODEL_KEYS_ALLOWED = frozenset({"backend", "native", "checkpoint_steps"})
 RESUME_TRAIN_KEYS_FIXED = frozenset({"optimizer", "tf_style"})
 
 

@@ -1,7 +1,7 @@
 """A whole sequence of an LSTM-controlled DNC as one autograd Function, backward written by hand.
 
 ``run`` computes what ``DNCCore._steps`` computes for one DNC layer with an LSTM controller and
-the native memory step, and its backward pass is backpropagation through time written out
+a fast backend's memory step (dnc_lab/backends/: native or triton), and its backward pass is backpropagation through time written out
 (``_Sequence.backward``). tests/test_native.py checks values and gradients against the reference
 path in float64.
 
@@ -9,7 +9,7 @@ Why: stepping a DNC through autograd records ~40 graph nodes per time step besid
 and on a CPU the fixed cost of each (recording it, then running its backward) is more than the
 arithmetic of the small matrix products they hold. Here the forward pass runs without autograd,
 and the backward pass does one matrix product per layer and time step plus one memory and one
-LSTM kernel call (dnc_lab/native.py); the weight gradients of all time steps are summed in one
+LSTM kernel call of the backend; the weight gradients of all time steps are summed in one
 large matrix product per weight at the end, and the controller's input projection of all time
 steps is one product at the start.
 
@@ -31,7 +31,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from dnc_lab import native
+from dnc_lab.backends import Saved
 
 
 class Weights(NamedTuple):
@@ -43,9 +43,11 @@ class Weights(NamedTuple):
 
 
 @torch.compiler.disable  # ctypes calls inside: a compiled caller runs this eagerly
-def run(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, reads: torch.Tensor, memory: list[torch.Tensor],
+def run(kernels, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, reads: torch.Tensor, memory: list[torch.Tensor],
         weights: Weights, clip: float, link_every: int = 1):
     """x [T, B, I], h0 and c0 [L, B, H], reads [B, R*W], memory: the six state tensors (memory.STATE_KEYS order).
+
+    kernels: the backend module (dnc_lab.backends.Kernels) whose memory and LSTM kernels run the steps.
 
     Returns features [T, B, H + R*W], h_T and c_T [L, B, H], reads_T [B, R*W], the six memory tensors at T.
     link_every = k keeps the incoming link matrix of every k-th step for backward and recomputes the
@@ -56,10 +58,10 @@ def run(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, reads: torch.Tensor
     flat = [t for layer in weights.lstm for t in layer]
     args = (x, h0, c0, reads, *memory, *flat, weights.interface_weight, weights.interface_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
-        out = _Sequence.apply(layers, float(clip), max(1, int(link_every)), *args)
+        out = _Sequence.apply(kernels, layers, float(clip), max(1, int(link_every)), *args)
     else:  # no graph: keep nothing for backward (link_every 0), so memory does not grow with T
         with torch.no_grad():
-            out = _Sequence.forward(None, layers, float(clip), 0, *args)
+            out = _Sequence.forward(None, kernels, layers, float(clip), 0, *args)
     features, h_t, c_t, reads_t, *memory_t = out
     return features, h_t, c_t, reads_t, list(memory_t)
 
@@ -70,7 +72,7 @@ def _linear_sum(bias_a: Optional[torch.Tensor], bias_b: Optional[torch.Tensor]) 
     return bias_a if bias_b is None else bias_a + bias_b
 
 
-def _incoming_link(kept_memory: list, t: int, every: int, segment: list[torch.Tensor]) -> torch.Tensor:
+def _incoming_link(kernels, kept_memory: list[Saved], t: int, every: int, segment: list[torch.Tensor]) -> torch.Tensor:
     """L_{t-1} for a step whose incoming link was not kept, from its segment's checkpoint.
 
     Backward visits a segment's steps last to first; at its last step (the first visited) the
@@ -78,17 +80,16 @@ def _incoming_link(kept_memory: list, t: int, every: int, segment: list[torch.Te
     """
     start = t - t % every
     if t == min(start + every, len(kept_memory)) - 1:  # the first visit to this segment
-        link = kept_memory[start][2]  # L_{start-1}, the checkpoint
+        link = kept_memory[start].link  # L_{start-1}, the checkpoint
         for u in range(start, t):
-            step = kept_memory[u]
-            # step[3] is p_{u-1}, step[9] the new write weights w^w_u (native.memory_forward's kept)
-            link = native.link_forward(link, step[3], step[9], segment[u - start])
+            step = kept_memory[u]  # L_u from L_{u-1}, p_{u-1} and w^w_u
+            link = kernels.link_forward(link, step.precedence, step.new_write_weights, segment[u - start])
     return segment[t - 1 - start]
 
 
 class _Sequence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, layers, clip, link_every, x, h0, c0, reads, *rest):
+    def forward(ctx, kernels, layers, clip, link_every, x, h0, c0, reads, *rest):
         memory = list(rest[:6])
         lstm = [rest[6 + 4 * l: 10 + 4 * l] for l in range(layers)]
         w_xi, b_xi = rest[6 + 4 * layers], rest[7 + 4 * layers]
@@ -116,7 +117,7 @@ class _Sequence(torch.autograd.Function):
         tops = x.new_empty(steps, batch, hidden_size)  # the top layer's h, before the clip
         features = x.new_empty(steps, batch, hidden_size + read_size)
         interfaces = x.new_empty(steps, batch, w_xi.shape[0])
-        kept_memory = []  # per step, what native.memory_backward needs
+        kept_memory: list[Saved] = []  # per step, what kernels.memory_backward needs
         inference = link_every == 0  # called by run() without a graph: nothing is kept
         # Links that are not kept go to two buffers used in turn (step t reads one, writes the other).
         scratch_links = [torch.empty_like(memory[1]) for _ in range(2)] if link_every != 1 else None
@@ -134,7 +135,7 @@ class _Sequence(torch.autograd.Function):
                     gates = torch.mm(layer_input, recurrent[l].t())
                 else:
                     gates = torch.addmm(base, layer_input, recurrent[l].t())
-                h[l] = native.lstm_forward(gates, cells[l][t], activations[l][t], cells[l][t + 1], cell_tanhs[l][t])
+                h[l] = kernels.lstm_forward(gates, cells[l][t], activations[l][t], cells[l][t + 1], cell_tanhs[l][t])
                 below = h[l]
             tops[t] = below
             hidden = features[t, :, :hidden_size]
@@ -146,10 +147,10 @@ class _Sequence(torch.autograd.Function):
                 torch.addmm(b_xi, hidden, w_xi.t(), out=xi)
             # L_t is step t+1's incoming link: kept if t+1 is a checkpoint step, and the final one.
             keep_link = t == steps - 1 or (not inference and (link_every == 1 or (t + 1) % link_every == 0))
-            outputs, kept = native.memory_forward(xi, memory, None if keep_link else scratch_links[t % 2])
+            outputs, kept = kernels.memory_forward(xi, memory, None if keep_link else scratch_links[t % 2])
             if not inference:
                 if t % link_every:
-                    kept[2] = None  # in a scratch buffer: recomputed in backward
+                    kept = kept._replace(link=None)  # in a scratch buffer: recomputed in backward
                 kept_memory.append(kept)
             reads = outputs[0].view(batch, heads * outputs[0].shape[-1])
             features[t, :, hidden_size:] = reads
@@ -159,7 +160,7 @@ class _Sequence(torch.autograd.Function):
         c_t = torch.stack([cells[l][steps] for l in range(layers)])
         if inference:
             return (features, h_t, c_t, reads, *memory)
-        ctx.layers, ctx.clip, ctx.steps, ctx.inputs, ctx.link_every = layers, clip, steps, inputs, link_every
+        ctx.kernels, ctx.layers, ctx.clip, ctx.steps, ctx.inputs, ctx.link_every = kernels, layers, clip, steps, inputs, link_every
         ctx.has_bias = (lstm[0][2] is not None, lstm[0][3] is not None, b_xi is not None)
         # Each step's memory tensors are released as soon as backward has passed that step, so they
         # are held here rather than by save_for_backward (which keeps everything to the end). The
@@ -168,13 +169,14 @@ class _Sequence(torch.autograd.Function):
         last = kept_memory[-1]
         kept_memory[-1] = None
         ctx.save_for_backward(x, w_ih0, w_xi, tops, features, interfaces, *recurrent, *layer_inputs, *activations,
-                              *cells, *cell_tanhs, *last)
+                              *cells, *cell_tanhs, *last.tensors())
         return (features, h_t, c_t, reads, *memory)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_features, grad_h_t, grad_c_t, grad_reads_t, *grad_memory_t):
-        layers, clip, steps, inputs, link_every = ctx.layers, ctx.clip, ctx.steps, ctx.inputs, ctx.link_every
+        kernels, layers, clip, steps, inputs = ctx.kernels, ctx.layers, ctx.clip, ctx.steps, ctx.inputs
+        link_every = ctx.link_every
         saved = ctx.saved_tensors
         x, w_ih0, w_xi, tops, features, interfaces = saved[:6]
         at = 6
@@ -184,7 +186,7 @@ class _Sequence(torch.autograd.Function):
         cells = saved[at + 3 * layers:at + 4 * layers]
         cell_tanhs = saved[at + 4 * layers:at + 5 * layers]
         kept_memory = ctx.kept_memory
-        kept_memory[-1] = list(saved[at + 5 * layers:])
+        kept_memory[-1] = Saved.from_tensors(saved[at + 5 * layers:])
         batch, hidden_size = tops.shape[1], tops.shape[2]
         read_size = features.shape[-1] - hidden_size
 
@@ -197,17 +199,18 @@ class _Sequence(torch.autograd.Function):
         # The memory state's gradients of step t are read only by step t-1, and the kernel may write
         # its results over the gradients it reads: one set of buffers serves every step.
         last = kept_memory[-1]
-        cells_n = last[1].shape[1]
-        link_like = last[1].new_empty(batch, 1, cells_n, cells_n)
-        spare = [torch.empty_like(last[1]), torch.empty_like(link_like)] + [torch.empty_like(t) for t in last[3:7]]
+        cells_n = last.memory.shape[1]
+        link_like = last.memory.new_empty(batch, 1, cells_n, cells_n)
+        spare = [torch.empty_like(last.memory), torch.empty_like(link_like)] + [torch.empty_like(t) for t in last[3:7]]
         segment = [torch.empty_like(link_like) for _ in range(link_every - 1)]
         for t in reversed(range(steps)):
-            kept = list(kept_memory[t])
-            if kept[2] is None:
-                kept[2] = _incoming_link(kept_memory, t, link_every, segment)
+            kept = kept_memory[t]
+            if kept.link is None:
+                kept = kept._replace(link=_incoming_link(kernels, kept_memory, t, link_every, segment))
             grad_step_reads = grad_features[t, :, hidden_size:] + grad_reads
             results = [grad_interfaces[t]] + spare
-            memory_grads = native.memory_backward(kept, [grad_step_reads.view(kept[4].shape[0], -1, kept[1].shape[-1]),
+            step_reads_shape = (batch, kept.read_weights.shape[1], kept.memory.shape[-1])  # [B, R, W]
+            memory_grads = kernels.memory_backward(kept, [grad_step_reads.view(step_reads_shape),
                                                          *grad_memory], results)
             grad_memory = memory_grads[1:]
             kept = kept_memory[t] = None  # this step's memory tensors are not needed any more
@@ -219,7 +222,7 @@ class _Sequence(torch.autograd.Function):
             for l in reversed(range(layers)):
                 grad_h_l = grad_below + grad_h[l]
                 g = grad_gates[l][t]
-                grad_c[l] = native.lstm_backward(activations[l][t], cells[l][t], cell_tanhs[l][t], grad_h_l, grad_c[l], g)
+                grad_c[l] = kernels.lstm_backward(activations[l][t], cells[l][t], cell_tanhs[l][t], grad_h_l, grad_c[l], g)
                 grad_input = torch.mm(g, recurrent[l])  # [B, in + H]: the layer input's and h_{t-1}'s gradients
                 split = read_size if l == 0 else hidden_size
                 grad_below = grad_input[:, :split]
@@ -245,6 +248,6 @@ class _Sequence(torch.autograd.Function):
         gi = flat(grad_interfaces)
         grad_w_xi = gi.t().mm(flat(features[:, :, :hidden_size]))
         grad_b_xi = gi.sum(0) if has_bias_xi else None
-        grad_x = torch.matmul(grad_gates[0], w_ih0[:, :inputs]) if ctx.needs_input_grad[3] else None
-        return (None, None, None, grad_x, torch.stack(grad_h), torch.stack(grad_c), grad_reads, *grad_memory,
+        grad_x = torch.matmul(grad_gates[0], w_ih0[:, :inputs]) if ctx.needs_input_grad[4] else None
+        return (None, None, None, None, grad_x, torch.stack(grad_h), torch.stack(grad_c), grad_reads, *grad_memory,
                 *grads_lstm, grad_w_xi, grad_b_xi)

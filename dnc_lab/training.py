@@ -391,9 +391,11 @@ def _open_output(run: _Run, progress: Optional[bool], echo, on_summary) -> _Outp
                          queue_size=cfg.viz.queue_size, timeout_s=cfg.viz.timeout_s,
                          model_dims={"nr_cells": cfg.model.nr_cells, "cell_size": cfg.model.cell_size,
                                      "read_heads": cfg.model.read_heads, "num_writes": cfg.model.num_writes})
+    backend = run.model.backend_choice()  # which memory-step kernels run, and why a faster one did not
+    echo(f"memory backend: {backend.describe()}")
     runs.write_status(run.run_dir, status="running", task=cfg.task.name, step=run.step, steps=cfg.train.steps,
                       pid=os.getpid(), host=socket.gethostname(), device=str(run.device),
-                      backend=getattr(run.model, "backend", None), message="")
+                      backend=backend.name, backend_reason=backend.reason, message="")
     show_bar = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=cfg.train.steps, initial=run.step, desc=run.run_dir.name, unit="step", dynamic_ncols=True,
                disable=not show_bar, file=sys.stderr)
