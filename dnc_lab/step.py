@@ -128,9 +128,9 @@ class GraphedStep:
     """``train.cuda_graph``: ``step(batch)`` captured once as a CUDA graph, then replayed.
 
     Every batch is padded to the time steps of ``longest`` (a batch of the task's longest shape) and
-    copied into fixed input tensors, whatever the curriculum's current length. The first ``warmup`` calls run eagerly, on a side stream (PyTorch's
-    recipe: cuBLAS handles, the allocator and autograd set themselves up outside the capture); they
-    are real training steps. The next call captures the step (capturing runs nothing) and replays
+    copied into fixed input tensors, whatever the curriculum's current length. The first ``warmup``
+    calls run eagerly, on a side stream (PyTorch's recipe: cuBLAS handles, the allocator and
+    autograd set themselves up outside the capture); they are real training steps. The next call captures the step (capturing runs nothing) and replays
     it; every later call only copies its batch in and replays.
 
     ``capture=False`` runs every call eagerly on the same padded fixed tensors (the CPU tests use
