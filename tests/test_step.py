@@ -2,6 +2,7 @@
 synchronisation in a step (proved on the meta device), the on-device guard, padding for a CUDA
 graph, and the graph's eager twin. The GPU itself is exercised in tests/test_cuda.py."""
 
+import importlib
 import warnings
 
 import pytest
@@ -29,21 +30,25 @@ def tiny_model(device="cpu", dtype=torch.float64, **model):
         return build_model(cfg, torch.device(device)).to(dtype), cfg
 
 
-@pytest.mark.parametrize("tf_style", [False, True])
-def test_whole_step_runs_on_the_meta_device_so_it_never_reads_the_device(tf_style):
-    """Sample, forward, loss, backward, clip, guarded optimiser step and running sums, on tensors
-    without data: any host read of a device value (.item(), bool(tensor), .tolist()) fails here.
-    Adam's fused step cannot run on meta (torch refuses the device); tests/test_cuda.py runs it
-    under torch.cuda.set_sync_debug_mode("error")."""
+@pytest.mark.parametrize("name, extra", [("adam", {}), ("rmsprop", {}), ("rmsprop", {"tf_style": True})])
+def test_whole_step_runs_on_the_meta_device_so_it_never_reads_the_device(name, extra, monkeypatch):
+    """Sample, forward, loss, backward, clip, the guarded optimiser step as on CUDA (fused Adam
+    reading found_inf, or dnc_lab's RMSprop) and the running sums, on tensors without data: any
+    host read of a device value (.item(), bool(tensor), .tolist()) fails here."""
+    # torch refuses fused optimisers on meta only by a Python-side device list; the fused kernel
+    # itself has a meta implementation, so the same step runs once the list is bypassed.
+    monkeypatch.setattr(importlib.import_module("torch.optim.adam"), "_device_dtype_check_for_fused",
+                        lambda *a, **k: None)
     model, cfg = tiny_model("meta", torch.float32)
     task = make_task(cfg.task, "meta")
-    opt = build_optimizer(list(model.parameters()), TrainConfig(optimizer="rmsprop", tf_style=tf_style),
-                          torch.device("meta"), device_guard=True)
+    opt = build_optimizer(list(model.parameters()), TrainConfig(optimizer=name, **extra), torch.device("meta"),
+                          device_guard=True)
     acc = new_accumulator("meta")
     for _ in range(2):
         batch = task.sample(3, None, max_length=2)
         train_step(model, opt, batch, acc, BITS, clip=10.0, guard_on_device=True)
     assert acc["loss"].device.type == "meta" and opt.found_inf.device.type == "meta"
+    assert name != "adam" or opt.defaults["fused"]
     # The host-side guard, by contrast, reads the flag: the meta device catches that.
     with pytest.raises(RuntimeError, match="meta"):
         train_step(model, opt, task.sample(3, None), acc, BITS, clip=10.0, guard_on_device=False)
