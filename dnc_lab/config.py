@@ -115,8 +115,9 @@ class TrainConfig:
     cuda_graph: bool = _f(False, "CUDA only (no effect on the CPU): capture the whole training step once as a "
                                  "CUDA graph and replay it; every batch is padded to the task's longest "
                                  "sequence, so short curriculum lengths cost as much as the longest")
-    tf32: bool = _f(False, "CUDA only: float32 matrix products (controller, output layer) in TF32, ~3x faster "
-                           "on recent GPUs with a 10-bit mantissa; false keeps full float32")
+    tf32: bool = _f(False, "CUDA only: float32 matrix products in TF32 (10-bit mantissa, faster on recent "
+                           "GPUs): the controller's and output layer's, and the memory step's where it uses "
+                           "torch's products (reference backend); false keeps full float32")
 
 
 @dataclass
