@@ -228,6 +228,7 @@ def _train(run_dir: Path, cfg: Config, device: torch.device, resume: bool, progr
     out = _open_output(run, progress, echo, on_summary)
     result: Optional[TrainResult] = None
     run.started = time.monotonic() - run.elapsed
+    run.interval = (time.monotonic(), run.step)
     try:
         with _StopSignals() as stop:
             while result is None and run.step < tc.steps:
@@ -297,7 +298,6 @@ def _set_up(run_dir: Path, cfg: Config, device: torch.device, resume: bool, echo
     if device.type != "cuda" and tc.tf32:
         echo(f"note: train.tf32 has no effect on {device} (TF32 is a mode of NVIDIA GPUs)")
     run.train_step = _step_function(run, echo)  # after _resume: a CUDA graph captures the loaded state
-    run.interval = (time.monotonic(), run.step)
     return run
 
 
