@@ -156,6 +156,7 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
+NAME = "native"
 SUPPORTED_VARIANTS: tuple = ()  # none of dnc_lab.backends.VARIANTS
 
 
@@ -225,6 +226,11 @@ def check_step(raw: torch.Tensor, state: list[torch.Tensor], device_type: str = 
         raise ValueError(f"native memory step: the raw interface has shape {tuple(raw.shape)}, expected [{b}, {s}] "
                          f"(the interface width for N={n}, W={w}, R={r} and one write head)")
     return b, n, w, r
+
+
+def extra_shapes(batch: int, cells: int, width: int, reads: int, dtype: torch.dtype) -> list[tuple[tuple, torch.dtype]]:
+    """Shapes and dtypes of ``Saved.extra`` for one step: the aux floats and the allocation's sort order."""
+    return [((batch, aux_size(cells, width, reads)), dtype), ((batch, cells), torch.int32)]
 
 
 def _check_out(name: str, tensor: torch.Tensor, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
