@@ -112,6 +112,12 @@ class TrainConfig:
     eval_batch_size: int = _f(200, "sequences per length for the final evaluation", min=1)
     threads: Optional[int] = _f(None, "CPU threads for torch (torch.set_num_threads); default: torch's. "
                                       "1 is often fastest for small models on a shared machine", min=1)
+    cuda_graph: bool = _f(False, "CUDA only (no effect on the CPU): capture the whole training step once as a "
+                                 "CUDA graph and replay it; every batch is padded to the task's longest "
+                                 "sequence, so short curriculum lengths cost as much as the longest")
+    tf32: bool = _f(False, "CUDA only: float32 matrix products in TF32 (10-bit mantissa, faster on recent "
+                           "GPUs): the controller's and output layer's, and the memory step's where it uses "
+                           "torch's products (reference backend); false keeps full float32")
 
 
 @dataclass
