@@ -88,7 +88,7 @@ def test_gradcheck_of_a_whole_memory_step_float64():
         reads, new = memory_step(prev, parse_interface(fields, w, r, h))
         return reads, new["memory"], new["link_matrix"], new["usage_vector"]
 
-    assert gradcheck(step, (*raw, *start.values()), eps=1e-6, atol=1e-5)
+    assert gradcheck(step, (*raw, *start.values()), eps=1e-6, atol=1e-8)
 
 
 def test_independent_linears_give_the_same_interface_shapes():

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import warnings
 from types import ModuleType
 from typing import NamedTuple, Optional, Protocol
 
@@ -104,9 +105,13 @@ class Kernels(Protocol):
     - ``lstm_forward(gates, c_prev, act, c, tanh_c) -> h`` and ``lstm_backward(act, c_prev, tanh_c,
       grad_h, grad_c, grad_gates) -> grad_c_prev``: the LSTM cell after its matrix products.
     - ``memory_step(raw, state) -> (reads, new_state)``: the step with autograd.
+    - ``extra_shapes(batch, cells, width, reads, dtype) -> [(shape, dtype), ...]``: the shapes of
+      ``Saved.extra`` for one step (the sequence operator's fake implementation needs them).
     - ``unsupported(config, device, dtype) -> str | None`` and ``available() -> (bool, reason)``.
+    - ``NAME`` (its key in ``MODULES``) and ``SUPPORTED_VARIANTS`` (names from ``VARIANTS``).
     """
 
+    NAME: str
     SUPPORTED_VARIANTS: tuple
 
 
@@ -165,8 +170,6 @@ def _tell(choice: Choice, requested: str) -> Choice:
     if key not in _said:
         _said.add(key)
         if requested not in ("auto", choice.name):
-            import warnings
-
             warnings.warn(f"backend={requested!r}: using the reference memory step, because {choice.reason}",
                           stacklevel=4)
         else:

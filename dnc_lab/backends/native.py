@@ -87,15 +87,20 @@ def _cache_dir() -> Path:
     return Path(root) / "native"
 
 
-def _build() -> ctypes.CDLL:
-    compiler = os.environ.get("CXX") or "g++"
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C++ compiler: '{compiler}' is not on PATH (install g++, or set CXX)")
+def library_path(compiler: str) -> Path:
+    """Where the build for this source, compiler (and its version), flags and CPU lives in the cache."""
     key = hashlib.sha256(b"\0".join([
         SOURCE.read_bytes(), compiler.encode(), _compiler_id(compiler).encode(), " ".join(FLAGS).encode(),
         _cpu_id().encode(),
     ])).hexdigest()[:16]
-    target = _cache_dir() / f"kernels-{key}.so"
+    return _cache_dir() / f"kernels-{key}.so"
+
+
+def _build() -> ctypes.CDLL:
+    compiler = os.environ.get("CXX") or "g++"
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler: '{compiler}' is not on PATH (install g++, or set CXX)")
+    target = library_path(compiler)
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         # Build beside the target and rename: several processes may build at once.
@@ -156,6 +161,7 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
+NAME = "native"
 SUPPORTED_VARIANTS: tuple = ()  # none of dnc_lab.backends.VARIANTS
 
 
@@ -225,6 +231,11 @@ def check_step(raw: torch.Tensor, state: list[torch.Tensor], device_type: str = 
         raise ValueError(f"native memory step: the raw interface has shape {tuple(raw.shape)}, expected [{b}, {s}] "
                          f"(the interface width for N={n}, W={w}, R={r} and one write head)")
     return b, n, w, r
+
+
+def extra_shapes(batch: int, cells: int, width: int, reads: int, dtype: torch.dtype) -> list[tuple[tuple, torch.dtype]]:
+    """Shapes and dtypes of ``Saved.extra`` for one step: the aux floats and the allocation's sort order."""
+    return [((batch, aux_size(cells, width, reads)), dtype), ((batch, cells), torch.int32)]
 
 
 def _check_out(name: str, tensor: torch.Tensor, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
