@@ -231,6 +231,13 @@ def test_link_forward_is_bit_identical_to_the_step(small_tiles, cells):
 
 
 @interpreted
+def test_extra_shapes_are_what_forward_keeps():
+    state = random_state(3, 7, 5, 2)
+    _, saved = kernels.memory_forward(torch.randn(3, interface_width(5, 2), dtype=torch.float64), state)
+    assert [(tuple(e.shape), e.dtype) for e in saved.extra] == kernels.extra_shapes(3, 7, 5, 2, torch.float64)
+
+
+@interpreted
 def test_backward_may_write_over_its_incoming_gradients():
     """memory_backward's state results may be the very gradient tensors it reads (sequence.py relies on it)."""
     g = torch.Generator().manual_seed(3)

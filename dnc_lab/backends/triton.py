@@ -153,6 +153,7 @@ def _empty(like: torch.Tensor, *shape: int, dtype: Optional[torch.dtype] = None)
     return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
 
 
+NAME = "triton"  # its key in dnc_lab.backends.MODULES
 SUPPORTED_VARIANTS: tuple = ()  # none of dnc_lab.backends.VARIANTS
 
 
@@ -165,6 +166,11 @@ def unsupported(config, device: torch.device, dtype: torch.dtype) -> Optional[st
     if config.num_writes != 1:
         return f"it has one write head, not num_writes={config.num_writes}"
     return None
+
+
+def extra_shapes(batch: int, cells: int, width: int, reads: int, dtype: torch.dtype) -> list[tuple[tuple, torch.dtype]]:
+    """Shapes and dtypes of ``Saved.extra`` for one step: the values kept per batch element, the allocation ranks."""
+    return [((batch, _kept_layout(cells, reads).size), dtype), ((batch, cells), torch.int32)]
 
 
 def _check(device: torch.device, dtype: torch.dtype) -> None:
