@@ -1,12 +1,13 @@
 """The Triton memory step: ``memory.memory_step`` as three GPU kernels forward and three backward.
 
 The same kernel set as the CPU native backend (``native.py``, ``csrc/kernels.cpp``), with the same
-Python signatures and contracts, so that the whole-sequence autograd function (``sequence.py``)
-runs on either: ``memory_forward`` / ``memory_backward`` (one memory step, one write head),
+contract (``dnc_lab.backends.Kernels``), so that the whole-sequence operator (``sequence.py``) runs
+on either: ``memory_forward`` / ``memory_backward`` (one memory step, one write head),
 ``link_forward`` (the link matrix alone, for recomputing it in backward), ``lstm_forward`` /
-``lstm_backward`` (the LSTM cell after its matrix products, which stay on cuBLAS). float32 and
-float64. The specification is the reference path, ``memory.memory_step(parse_interface(raw))``
-with ``addressing.py``; tests/test_triton.py checks values and gradients against it in float64.
+``lstm_backward`` (the LSTM cell after its matrix products, which stay on cuBLAS), and
+``memory_step`` (the step with autograd, for the other controllers). float32 and float64. The
+specification is the reference path, ``memory.memory_step(parse_interface(raw))`` with
+``addressing.py``; tests/test_triton.py checks values and gradients against it in float64.
 
 Why: on a GPU the reference step is ~120 ATen ops forward and ~260 backward, each a kernel launch
 of 5-10 µs whatever the batch, so a DNC there is launch-bound. Here a time step is 8 launches
@@ -86,6 +87,10 @@ Within a program, a value written to global memory and read back by other thread
 program (the scatter and gather of the sort, tile results gathered as whole vectors) is
 separated by ``tl.debug_barrier()``. The same barrier precedes each store that may overwrite a
 gradient input (``memory_backward``'s results may be its ``grads``: sequence.py reuses one set).
+
+Checking without a GPU: the interpreter runs Python and accepts some things the compiler refuses,
+so ``python -m dnc_lab.backends.triton [fp32|fp64] [N W R]`` (``compile_kernels``) compiles every
+kernel for an sm_90 GPU on any machine (a slow test does it in CI).
 
 Differences from the reference, all rounding: sums and products are taken in a different order
 (tree reductions, parallel scans). The reference's backward uses ``cumsum``/``scatter``-style
@@ -881,7 +886,7 @@ if triton is not None:
         tl.store(grad_c_prev + idx, dc * f, mask=ok)
 
 
-# ---- The kernels as functions of tensors (the contracts of native.py) ---------------------------------------
+# ---- The kernels as functions of tensors (the contract of dnc_lab.backends.Kernels) ---------------------------------------
 
 
 def _contiguous(tensors) -> list[torch.Tensor]:
