@@ -435,8 +435,12 @@ def test_available_says_why_not(monkeypatch):
 
 @interpreted
 @pytest.mark.slow
-def test_1024_cells_match_reference():
-    """N = 1024 with the default tiles: 32 x 32 link tiles, 16 x 16 rank tiles, no N x N block anywhere."""
+def test_1024_cells_match_reference(monkeypatch):
+    """N = 1024, still tiled (no N x N block anywhere), in 128 x 128 link tiles and 256 x 256 rank tiles: the
+    interpreter's cost is per tile. The default tiles at this N are compiled by test_kernels_compile_for_a_gpu and
+    run by the cuda test."""
+    monkeypatch.setattr(kernels, "LINK_TILE", 128)
+    monkeypatch.setattr(kernels, "RANK_TILE", 256)
     compare(1, 1024, 4, 1, 1, seed=1024)
 
 
