@@ -258,6 +258,6 @@ def test_a_tiny_copy_task_is_learned_on_every_backend(backend, tmp_path):
     save_config(cfg, run_dir / "config.yaml")
     result = training.train(run_dir, cfg, torch.device("cpu"), progress=False, echo=lambda *a: None)
     metrics = runs.read_metrics(run_dir)
-    assert metrics[0]["ber"] > 0.3  # it started near chance
+    assert metrics[0]["ber"] > 0.2  # the first 50 steps: far from learnt (chance is 0.5)
     assert result.last["ber"] < 0.1, result.last
     assert runs.read_status(run_dir)["backend"] == backend
