@@ -115,8 +115,10 @@ def test_the_kernels_check_dtype_device_shape_and_interface_width():
         native.memory_forward(raw, [*state[:5], state[5].to("meta")])
     with pytest.raises(ValueError, match="raw interface is torch.float16, expected float32 or float64"):
         native.memory_forward(raw.half(), [s.half() for s in state])
-    with pytest.raises(ValueError, match="link_out must be a contiguous torch.float64 tensor of shape"):
-        native.memory_forward(raw, state, link_out=torch.empty(2, 1, 5, 5).double().transpose(2, 3))
+    with pytest.raises(ValueError, match="out link_matrix must be a contiguous torch.float64 tensor of shape"):
+        native.memory_forward(raw, state, out=[None, None, torch.empty(2, 1, 5, 5).double().transpose(2, 3)])
+    with pytest.raises(ValueError, match=r"out order must be a contiguous torch.int32 tensor of shape \[2, 5\]"):
+        native.memory_forward(raw, state, out=[None] * 8 + [torch.empty(2, 5)])
     outputs, saved = native.memory_forward(raw, state)
     with pytest.raises(ValueError, match="the gradient of link_matrix is torch.float32"):
         native.memory_backward(saved, [torch.ones_like(outputs[0]), torch.ones_like(outputs[1]),

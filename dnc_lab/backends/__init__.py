@@ -93,10 +93,12 @@ class Saved(NamedTuple):
 class Kernels(Protocol):
     """The kernel set of a fast backend (module-level functions; shapes as in dnc_lab.memory).
 
-    - ``memory_forward(raw, state, link_out=None) -> (outputs, Saved)``: raw interface [B, S]
+    - ``memory_forward(raw, state, out=None) -> (outputs, Saved)``: raw interface [B, S]
       (fields in ``memory.interface_sizes`` order, before their nonlinearities), state: the six
       tensors of ``memory.STATE_KEYS`` (link [B, 1, N, N]); outputs: reads [B, R, W] and the six
-      new state tensors (the new link written to ``link_out`` when given). No autograd.
+      new state tensors. ``out`` (optional, entries may be None) gives contiguous tensors to write
+      the seven outputs and then the extra tensors into, so a caller can keep them in its own
+      buffers without a copy. No autograd.
     - ``memory_backward(saved, grads, results=None) -> 7 tensors``: gradients of raw and the six
       state tensors from those of the seven outputs. The six state gradients may be written over
       the very tensors passed in ``grads``.

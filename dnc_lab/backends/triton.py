@@ -893,33 +893,36 @@ def _contiguous(tensors) -> list[torch.Tensor]:
     return [t if t.is_contiguous() else t.contiguous() for t in tensors]
 
 
-def memory_forward(raw: torch.Tensor, state: list[torch.Tensor], link_out: Optional[torch.Tensor] = None
+def memory_forward(raw: torch.Tensor, state: list[torch.Tensor], out: Optional[list] = None
                    ) -> tuple[list[torch.Tensor], Saved]:
     """raw [B, S], state (memory, link, precedence, read weights, write weights, usage) ->
     (outputs: reads [B, R, W] and the six new state tensors, saved: what ``memory_backward`` needs).
 
-    link_out: a contiguous [B, 1, N, N] tensor to write the new link matrix to (a new one if None).
+    out: where to write the seven outputs and then the extra tensors (``extra_shapes``), each
+    contiguous and of exactly its shape and dtype, or None for a new tensor (the default: all new).
     saved.extra is this module's own: (per-element values kept for backward [B, size], allocation ranks [B, N]).
     """
     b, n, w, r = _check_step(raw, state)
     memory = state[0]
-    if link_out is not None and (tuple(link_out.shape) != (b, 1, n, n) or link_out.dtype != memory.dtype
-                                 or link_out.device != memory.device or not link_out.is_contiguous()):
-        raise ValueError(f"link_out must be a contiguous {memory.dtype} [{b}, 1, {n}, {n}] tensor on {memory.device}, "
-                         f"got {link_out.dtype} {tuple(link_out.shape)} on {link_out.device}")
+    shapes = [(b, r, w), (b, n, w), (b, 1, n, n), (b, 1, n), (b, r, n), (b, 1, n), (b, n)]
+    wanted = [(shape, memory.dtype) for shape in shapes] + extra_shapes(b, n, w, r, memory.dtype)
+    given = list(out or []) + [None] * (len(wanted) - len(out or []))
+    for i, (t, (shape, dtype)) in enumerate(zip(given, wanted)):
+        if t is not None and (tuple(t.shape) != shape or t.dtype != dtype or t.device != memory.device
+                              or not t.is_contiguous()):
+            raise ValueError(f"out[{i}] must be a contiguous {dtype} {list(shape)} tensor on {memory.device}, "
+                             f"got {t.dtype} {tuple(t.shape)} on {t.device}")
     inputs = _contiguous((raw, *state))
     blocks = _blocks(n, w, r)
     new = functools.partial(_empty, memory)
-    link_out = new(b, 1, n, n) if link_out is None else link_out
-    outputs = [new(b, r, w), new(b, n, w), link_out, new(b, 1, n), new(b, r, n), new(b, 1, n), new(b, n)]
+    results = [_empty(memory, *shape, dtype=dtype) if t is None else t for t, (shape, dtype) in zip(given, wanted)]
+    outputs, (aux, rank) = results[:7], results[7:]
     layout = _kept_layout(n, r)
-    aux = new(b, layout.size)
     views = layout.views(aux)
-    rank = _empty(memory, b, n, dtype=torch.int32)
     partial = new(b, blocks.link_tiles, r, n)
     warps = _warps(blocks)
     raw_c, memory_prev, link_prev, precedence_prev, read_prev, write_prev, usage_prev = inputs
-    reads, memory_new, _, precedence_new, read_new, write_new, usage_new = outputs
+    reads, memory_new, link_out, precedence_new, read_new, write_new, usage_new = outputs
     _launch(_write_kernel, (b,), raw_c, memory_prev, precedence_prev, read_prev, write_prev, usage_prev,
             memory_new, precedence_new, write_new, usage_new,
             *(views[k] for k in ("write_content", "write_cosine", "prev_norms", "allocation", "sorted_usage",
