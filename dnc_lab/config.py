@@ -222,13 +222,10 @@ def config_from_dict(raw: Any, source: str = "<config>", overrides: typing.Seque
             sections[name] = _build(_SECTION_CLASSES[name], name, data, where)
     cfg = Config(**sections)
     _resolve_model_sizes(cfg, lambda key: origin.get(("model", key), source))
-<<<<<<< HEAD
+    _check_backend(cfg.model, lambda key: origin.get(("model", key), source))
     if cfg.model.mask_min and not cfg.model.masked_lookup:
         raise ConfigError(f"{origin.get(('model', 'mask_min'), source)}: model.mask_min = {cfg.model.mask_min} "
                           "has no effect without model.masked_lookup: true")
-=======
-    _check_backend(cfg.model, lambda key: origin.get(("model", key), source))
->>>>>>> main
     return cfg
 
 
