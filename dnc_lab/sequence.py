@@ -125,7 +125,8 @@ class _Saved(NamedTuple):
     read_weights: torch.Tensor  # [T+1, B, R, N]
     write_weights: torch.Tensor  # [T+1, B, 1, N]
     usage: torch.Tensor  # [T+1, B, N]
-    links: torch.Tensor  # [ceil(T/k), B, 1, N, N]
+    links: list  # ceil(T/k) tensors [B, 1, N, N] (separate: one block of T/k·B·N² floats would be
+    # fresh pages from the OS at every training step, while blocks of B·N² are reused by the allocator)
     extra: list  # the backend's, each [T, ...]
     layer_inputs: list  # per layer [T, B, in + H]
     activations: list  # per layer [T, B, 4H]
@@ -133,13 +134,15 @@ class _Saved(NamedTuple):
     cell_tanhs: list  # per layer [T, B, H]
 
     def flat(self) -> list[torch.Tensor]:
-        return [*self[:8], *self.extra, *self.layer_inputs, *self.activations, *self.cells, *self.cell_tanhs]
+        return [*self[:7], *self.links, *self.extra, *self.layer_inputs, *self.activations, *self.cells,
+                *self.cell_tanhs]
 
     @classmethod
-    def unflat(cls, tensors: list[torch.Tensor], layers: int) -> "_Saved":
-        extras = len(tensors) - 8 - 4 * layers
-        rest = tensors[8 + extras:]
-        return cls(*tensors[:8], list(tensors[8:8 + extras]),
+    def unflat(cls, tensors: list[torch.Tensor], layers: int, link_every: int) -> "_Saved":
+        kept = math.ceil(tensors[0].shape[0] / link_every)
+        extras = len(tensors) - 7 - kept - 4 * layers
+        rest = tensors[7 + kept + extras:]
+        return cls(*tensors[:7], list(tensors[7:7 + kept]), list(tensors[7 + kept:7 + kept + extras]),
                    *(list(rest[i * layers:(i + 1) * layers]) for i in range(4)))
 
     def step(self, t: int, link_every: int) -> Saved:
@@ -210,8 +213,7 @@ def _forward(kernels, x, h0, c0, reads, memory, lstm, w_xi, b_xi, clip, link_eve
         boundary = [new(steps + 1, *memory[i].shape) for i in (0, 2, 3, 4, 5)]
         for buffer, initial in zip(boundary, (memory[0], *memory[2:])):
             buffer[0] = initial
-        links = new(math.ceil(steps / link_every), *memory[1].shape)
-        links[0] = memory[1]
+        links = [memory[1].clone()] + [torch.empty_like(memory[1]) for _ in range(1, math.ceil(steps / link_every))]
         b, n, w = memory[0].shape
         extra = [new(steps, *shape, dtype=dtype) for shape, dtype in kernels.extra_shapes(b, n, w, heads, x.dtype)]
     scratch = [torch.empty_like(memory[1]) for _ in range(2)] if not keep or link_every > 1 else None
@@ -279,7 +281,7 @@ def _sequence_fake(backend, x, h0, c0, reads, memory, lstm, w_xi, b_xi, clip, li
     saved = _Saved(
         new(steps, batch, hidden_size), new(steps, batch, w_xi.shape[0]),
         *(new(steps + 1, *memory[i].shape) for i in (0, 2, 3, 4, 5)),
-        new(math.ceil(steps / link_every), *memory[1].shape), extra,
+        [torch.empty_like(memory[1]) for _ in range(math.ceil(steps / link_every))], extra,
         [new(steps, batch, (read_size if l == 0 else hidden_size) + hidden_size) for l in range(len(layers))],
         [new(steps, batch, 4 * hidden_size) for _ in layers],
         [new(steps + 1, batch, hidden_size) for _ in layers],
@@ -302,7 +304,7 @@ def _sequence_backward_op(backend: str, x: torch.Tensor, lstm: list[torch.Tensor
 def _backward(kernels, x, lstm, w_xi, features, saved, grads, clip, link_every):
     layers = _layers(lstm)
     n_layers = len(layers)
-    s = _Saved.unflat(list(saved), n_layers)
+    s = _Saved.unflat(list(saved), n_layers, link_every)
     grad_features, grad_h_t, grad_c_t, grad_reads_t, *grad_memory_t = grads
     steps, batch, inputs = x.shape
     hidden_size = s.tops.shape[2]
