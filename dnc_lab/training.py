@@ -257,7 +257,7 @@ def parse_lengths(text: str) -> list[int]:
 
 @dataclass
 class TrainResult:
-    status: str  # finished | reached_target | interrupted | max_seconds | failed
+    status: str  # finished | reached_target | interrupted | max_seconds | stopped | failed
     step: int
     message: str
     last: Optional[dict] = None
@@ -304,7 +304,8 @@ def train(run_dir: Path, cfg: Config, device: torch.device, resume: bool = False
 
     progress: show a tqdm bar (default: when stderr is a terminal); otherwise a line per summary.
     on_summary: called with each metrics row right after it is appended to metrics.jsonl (a sweep
-    reports it to its scheduler).
+    reports it to its scheduler). If it returns a message, the run stops there as asked (status
+    'stopped', a checkpoint written): a sweep's scheduler stopping a hopeless trial.
     Returns how the run ended; raises TrainingError when it had to stop (status 'failed').
     """
     threads = torch.get_num_threads()
@@ -420,8 +421,7 @@ def _train(run_dir: Path, cfg: Config, device: torch.device, resume: bool, progr
                     runs.append_metrics(run_dir, last)
                     runs.write_status(run_dir, step=step, last={k: last[k] for k in ("loss", "ber")},
                                       skipped_total=skipped_total)
-                    if on_summary is not None:
-                        on_summary(last)
+                    stop_asked = on_summary(last) if on_summary is not None else None
                     bar.set_postfix(loss=_fmt(last["loss"]), ber=_fmt(last["ber"]), refresh=False)
                     if not show_bar:
                         echo(f"step {step}/{tc.steps}  loss {_fmt(last['loss'])}  ber {_fmt(last['ber'])}  "
@@ -442,6 +442,8 @@ def _train(run_dir: Path, cfg: Config, device: torch.device, resume: bool, progr
                             and last["ber"] <= tc.target_ber:
                         result = TrainResult("reached_target", step,
                                              f"reached target BER {last['ber']:.4g} <= {tc.target_ber}")
+                    if result is None and stop_asked:
+                        result = TrainResult("stopped", step, str(stop_asked))
 
                 if step % tc.check_freq == 0:
                     checkpoint()
