@@ -41,7 +41,6 @@ import math
 import os
 import random
 import re
-import signal
 import socket
 import time
 from dataclasses import dataclass, field
@@ -401,7 +400,7 @@ def run_trial(config: dict, hook: Optional[Callable[[Path, dict], None]] = None)
     cfg = load_config(run_dir / "config.yaml")
     use_gpu = config.get("gpus", 0) > 0 and torch.cuda.is_available()
     device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")  # Ray sets CUDA_VISIBLE_DEVICES
-    lengths = config.get("eval_lengths") or f"{cfg.task.min_length}-{cfg.task.max_length},{2 * cfg.task.max_length}"
+    lengths = config.get("eval_lengths") or f"{cfg.task.min_length}-{cfg.task.max_length},{2 * cfg.task.max_length}"  # noqa: E501
     if status.get("status") in DONE:  # trained by an earlier launch: do not train it again
         if not trial_done(run_dir):  # killed between training and its evaluation
             evaluate_trial(run_dir, lengths, device)
@@ -445,13 +444,15 @@ def run_trial(config: dict, hook: Optional[Callable[[Path, dict], None]] = None)
             tune.report({"step": runs.read_status(run_dir).get("step", 0), "trial_status": "failed", "ber": math.nan,
                          "loss": math.nan, "message": str(e)})
             return
-        if stopped:
-            echo(f"{result.status}: {result.message}")
-            return  # the driver decides what the stop was (Progress.completed); Tune takes no more reports
+        if result.status == "stopped":
+            # Tune stopped it: its scheduler, or the sweep is ending. Not done until the driver says
+            # the scheduler decided it (Progress.settle); a resumed sweep continues it otherwise.
+            runs.write_status(run_dir, status="interrupted", message=result.message)
         if result.status in ("finished", "reached_target"):
             evaluate_trial(run_dir, lengths, device)
         echo(f"{result.status}: {result.message}")
-    tune.report(_final_row(run_dir, runs.read_status(run_dir)))
+    if not stopped:  # once Tune has stopped a trial it takes no more reports
+        tune.report(_final_row(run_dir, runs.read_status(run_dir)))
 
 
 def trial_done(run_dir: Path) -> bool:
@@ -500,13 +501,14 @@ class Progress:
     """What the sweep command prints: one line per trial state change, with the overall count and
     an ETA; also feeds the sweep's dashboard. Driven by a Ray Tune callback (see `_callback`)."""
 
-    def __init__(self, sweep_dir: Path, trials: list[str], echo, dashboard=None):
-        self.sweep_dir, self.echo, self.dashboard = sweep_dir, echo, dashboard
+    def __init__(self, sweep_dir: Path, trials: list[str], echo, dashboard=None, lengths: Optional[str] = None):
+        self.sweep_dir, self.echo, self.dashboard, self.lengths = sweep_dir, echo, dashboard, lengths
         self.total = len(trials)
         self.pending = set(trials)
         self.state = {t: runs.read_status(sweep_dir / t).get("status", "created") for t in trials}
         self.fraction = {t: 0.0 for t in trials}  # of the trial's steps done, in this launch
-        self.stopped_by_scheduler: set[str] = set()
+        self.stopped_by_scheduler: dict[str, str] = {}  # trial -> why
+        self.last_step: dict[str, int] = {}
         self.started = time.monotonic()
 
     def counts(self) -> dict[str, int]:
@@ -544,6 +546,7 @@ class Progress:
         if row.get("done"):
             return
         steps = runs.read_status(self.sweep_dir / trial).get("steps") or 1
+        self.last_step[trial] = int(row.get("step", 0))
         self.fraction[trial] = min(1.0, row.get("step", 0) / steps)
         if self.dashboard is not None and "loss" in row and "ber" in row:
             values = {f"{name}/{trial}": row[name] for name in ("loss", "ber")
@@ -557,42 +560,47 @@ class Progress:
         self.line(trial, f"{reason}; retry {attempt} of {of}, from {at}")
 
     def completed(self, trial: str, scheduler: Optional[Scheduler]) -> None:
-        run_dir = self.sweep_dir / trial
-        status = runs.read_status(run_dir)
-        deadline = time.monotonic() + 10
-        while status.get("status") == "running" and time.monotonic() < deadline:
-            time.sleep(0.1)  # a trial Tune stopped writes its checkpoint and status as it ends
-            status = runs.read_status(run_dir)
-        if status.get("status") in ("running", "stopped"):  # Tune stopped it at a summary
-            if scheduler is not None:
-                status = runs.write_status(run_dir, status="stopped", message=(
-                    f"stopped early by ASHA at step {status.get('step')} ({scheduler.metric} not among the "
-                    f"best 1/{scheduler.reduction_factor:g} at a rung)"))
-                self.stopped_by_scheduler.add(trial)
-            else:
-                status = runs.write_status(run_dir, status="interrupted", message="stopped by Ray Tune")
-        self.state[trial] = status.get("status", "?")
+        status = runs.read_status(self.sweep_dir / trial)
         self.fraction[trial] = 1.0
-        last = status.get("last") or {}
+        step = self.last_step.get(trial, status.get("step", 0))
+        if status.get("status") not in ("finished", "reached_target", "failed") and step < status.get("steps", 0):
+            # Tune stopped it at a summary; its worker is still ending the run (and must be let to:
+            # Tune's loop waits for this callback), so its status is written later, by settle().
+            if scheduler is None:
+                self.state[trial] = "interrupted"
+                self.line(trial, f"stopped by Ray Tune at step {step}")
+            else:
+                self.state[trial] = "stopped"
+                self.stopped_by_scheduler[trial] = (
+                    f"stopped early by ASHA at step {step} ({scheduler.metric} not among the best "
+                    f"1/{scheduler.reduction_factor:g} at a rung)")
+                self.line(trial, self.stopped_by_scheduler[trial])
+            return
+        self.state[trial] = status.get("status") if status.get("status") in DONE else "finished"
         if self.state[trial] == "failed":
             self.line(trial, f"FAILED at step {status.get('step')}: {status.get('message')}")
             return
-        eval_ber = status.get("eval_ber")
-        ber = last.get("ber")
+        last, eval_ber = status.get("last") or {}, status.get("eval_ber")
         self.line(trial, f"{self.state[trial]} at step {status.get('step')}"
-                         + (f", BER {ber:.4f}" if ber is not None else "")
-                         + (f", eval BER {eval_ber:.4f}" if eval_ber is not None and self.state[trial] != "stopped"
-                            else "")
-                         + (f" ({status.get('message')})" if self.state[trial] == "stopped" else ""))
+                         + (f", BER {last['ber']:.4f}" if last.get("ber") is not None else "")
+                         + (f", eval BER {eval_ber:.4f}" if eval_ber is not None else ""))
 
     def settle(self) -> None:
-        """After Tune is done (or interrupted): a trial that Tune stopped while the sweep ended, not
-        its scheduler, is 'interrupted', so that --resume continues it."""
-        for trial in self.pending:
+        """After Tune is done (or interrupted), when no worker writes any more: the trials its
+        scheduler stopped are 'stopped' (done); those it stopped because the sweep ended stay
+        'interrupted', so that --resume continues them."""
+        for trial, message in self.stopped_by_scheduler.items():
             status = runs.read_status(self.sweep_dir / trial)
-            if status.get("status") == "stopped" and trial not in self.stopped_by_scheduler:
-                runs.write_status(self.sweep_dir / trial, status="interrupted",
-                                  message=f"the sweep stopped at step {status.get('step')}")
+            if status.get("status") not in ("finished", "reached_target", "failed"):
+                runs.write_status(self.sweep_dir / trial, status="stopped", message=message)
+        for trial in self.pending:  # trained to the end, but its worker ended before its evaluation
+            run_dir = self.sweep_dir / trial
+            if runs.read_status(run_dir).get("status") in ("finished", "reached_target") and not trial_done(run_dir):
+                evaluate_trial(run_dir, self.eval_lengths(run_dir), "cpu")
+
+    def eval_lengths(self, run_dir: Path) -> str:
+        cfg = load_config(run_dir / "config.yaml")
+        return self.lengths or f"{cfg.task.min_length}-{cfg.task.max_length},{2 * cfg.task.max_length}"
 
     def errored(self, trial: str, reason: str) -> None:
         """Failed for good after its retries (the worker kept dying, or an unexpected exception)."""
@@ -706,7 +714,7 @@ def run_sweep(sweep_dir: Path, address: Optional[str] = None, max_concurrent: Op
     scheduler = None if options["scheduler"] is None else Scheduler(**options["scheduler"])
     limit = max_concurrent or options["max_concurrent"]
     dashboard = _sweep_dashboard(sweep_dir, record)
-    progress = Progress(sweep_dir, todo, echo, dashboard)
+    progress = Progress(sweep_dir, todo, echo, dashboard, options.get("eval_lengths"))
     echo(f"sweep {sweep_dir.name}: {len(todo)} of {len(trial_ids)} trials to run"
          + (f" ({len(trial_ids) - len(todo)} done before)" if len(todo) < len(trial_ids) else "")
          + f", {options['resources']['cpus']:g} CPU{'s' if options['resources']['cpus'] != 1 else ''}"
@@ -715,7 +723,6 @@ def run_sweep(sweep_dir: Path, address: Optional[str] = None, max_concurrent: Op
 
     _LIVE[str(sweep_dir.resolve())] = (progress, scheduler, options["max_failures"])
     own_ray = not ray.is_initialized()
-    old_term = signal.getsignal(signal.SIGTERM)
     outcome_status = "failed"
     try:
         if own_ray:
@@ -730,22 +737,21 @@ def run_sweep(sweep_dir: Path, address: Optional[str] = None, max_concurrent: Op
             echo(f"Ray: {'a local instance' if address == 'local' else 'cluster at ' + address}, {alive} "
                  f"node{'s' if alive != 1 else ''} so far, {ray.cluster_resources().get('CPU', 0):g} CPUs, "
                  f"{ray.cluster_resources().get('GPU', 0):g} GPUs")
-        # SIGTERM as Ctrl-C: Tune stops its trials, and the finally below shuts Ray down.
-        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, signal.default_int_handler)
         logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # failures are reported by Progress
         logging.getLogger("ray.train").setLevel(logging.CRITICAL)
         resources = {"cpu": options["resources"]["cpus"], "gpu": options["resources"]["gpus"]}
         trainable = tune.with_resources(tune.with_parameters(run_trial, hook=hook), resources)
         tune_config = tune.TuneConfig(
-            max_concurrent_trials=limit, reuse_actors=True,  # no new process (and torch import) per trial
+            # One worker process runs trial after trial (no new process, no torch import, per trial);
+            # not with a scheduler: in Ray 2.60, reusing the worker of a trial it stopped hung the sweep.
+            max_concurrent_trials=limit, reuse_actors=scheduler is None,
             trial_name_creator=lambda t: t.config["trial"], trial_dirname_creator=lambda t: t.config["trial"])
         if scheduler is not None:
             from ray.tune.schedulers import ASHAScheduler
 
             steps = max(runs.read_status(sweep_dir / t).get("steps", 1) for t in todo)
-            tune_config.scheduler = ASHAScheduler(
-                time_attr="step", metric=scheduler.metric, mode="min", max_t=steps,
+            tune_config.scheduler = ASHAScheduler(  # max_t past the last step: a trial's end is its own
+                time_attr="step", metric=scheduler.metric, mode="min", max_t=steps + 1,
                 grace_period=scheduler.grace_period, reduction_factor=scheduler.reduction_factor)
         tuner = tune.Tuner(
             trainable,
@@ -763,7 +769,6 @@ def run_sweep(sweep_dir: Path, address: Optional[str] = None, max_concurrent: Op
         echo(f"sweep {sweep_dir.name}: interrupted; continue with `dnclab sweep --resume {sweep_dir.name}`")
         raise
     finally:
-        signal.signal(signal.SIGTERM, old_term)
         _LIVE.pop(str(sweep_dir.resolve()), None)
         if own_ray:
             ray.shutdown()
@@ -775,6 +780,11 @@ def run_sweep(sweep_dir: Path, address: Optional[str] = None, max_concurrent: Op
     seconds = time.monotonic() - started
     echo(f"sweep {sweep_dir.name}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
          + f" in {_duration(seconds)}; summary: `dnclab sweep-report {sweep_dir.name}`")
+    left = [t for t in todo if not trial_done(sweep_dir / t)]
+    if left:  # Tune ended early (Ctrl-C stops it gracefully)
+        runs.write_status(sweep_dir, status="interrupted")
+        echo(f"sweep {sweep_dir.name}: {len(left)} trials not done; continue with "
+             f"`dnclab sweep --resume {sweep_dir.name}`")
     return SweepOutcome(sweep_dir, counts, seconds)
 
 

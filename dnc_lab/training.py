@@ -442,7 +442,7 @@ def _train(run_dir: Path, cfg: Config, device: torch.device, resume: bool, progr
                             and last["ber"] <= tc.target_ber:
                         result = TrainResult("reached_target", step,
                                              f"reached target BER {last['ber']:.4g} <= {tc.target_ber}")
-                    if result is None and stop_asked:
+                    if result is None and stop_asked and step < tc.steps:  # at the last step: finished
                         result = TrainResult("stopped", step, str(stop_asked))
 
                 if step % tc.check_freq == 0:
