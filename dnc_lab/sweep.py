@@ -400,7 +400,7 @@ def run_trial(config: dict, hook: Optional[Callable[[Path, dict], None]] = None)
     cfg = load_config(run_dir / "config.yaml")
     use_gpu = config.get("gpus", 0) > 0 and torch.cuda.is_available()
     device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")  # Ray sets CUDA_VISIBLE_DEVICES
-    lengths = config.get("eval_lengths") or f"{cfg.task.min_length}-{cfg.task.max_length},{2 * cfg.task.max_length}"  # noqa: E501
+    lengths = config.get("eval_lengths") or default_eval_lengths(cfg)
     if status.get("status") in DONE:  # trained by an earlier launch: do not train it again
         if not trial_done(run_dir):  # killed between training and its evaluation
             evaluate_trial(run_dir, lengths, device)
@@ -455,6 +455,11 @@ def run_trial(config: dict, hook: Optional[Callable[[Path, dict], None]] = None)
         tune.report(_final_row(run_dir, runs.read_status(run_dir)))
 
 
+def default_eval_lengths(cfg) -> str:
+    """`dnclab eval`'s default: the trained lengths and twice the longest."""
+    return f"{cfg.task.min_length}-{cfg.task.max_length},{2 * cfg.task.max_length}"
+
+
 def trial_done(run_dir: Path) -> bool:
     """Whether a sweep has nothing left to do for this trial: it failed or was stopped early, or it
     trained to the end and has its evaluation (eval.jsonl)."""
@@ -499,7 +504,7 @@ class SweepOutcome:
 
 class Progress:
     """What the sweep command prints: one line per trial state change, with the overall count and
-    an ETA; also feeds the sweep's dashboard. Driven by a Ray Tune callback (see `_callback`)."""
+    an ETA; also feeds the sweep's dashboard. Driven by SweepCallback, a Ray Tune callback."""
 
     def __init__(self, sweep_dir: Path, trials: list[str], echo, dashboard=None, lengths: Optional[str] = None):
         self.sweep_dir, self.echo, self.dashboard, self.lengths = sweep_dir, echo, dashboard, lengths
@@ -599,8 +604,7 @@ class Progress:
                 evaluate_trial(run_dir, self.eval_lengths(run_dir), "cpu")
 
     def eval_lengths(self, run_dir: Path) -> str:
-        cfg = load_config(run_dir / "config.yaml")
-        return self.lengths or f"{cfg.task.min_length}-{cfg.task.max_length},{2 * cfg.task.max_length}"
+        return self.lengths or default_eval_lengths(load_config(run_dir / "config.yaml"))
 
     def errored(self, trial: str, reason: str) -> None:
         """Failed for good after its retries (the worker kept dying, or an unexpected exception)."""
