@@ -49,6 +49,14 @@ MODEL_KEYS_SET_BY_RUNNER = {
 }
 
 
+# Model options of earlier versions: (their off value, why they went). A run folder written then
+# holds them with the off value, which is accepted and dropped.
+REMOVED_MODEL_KEYS = {
+    "fused_link": (0, "the native backend (backend: auto) is faster and leaner; see benchmarks/RESULTS.md"),
+    "compile_step": (False, "the native backend (backend: auto) is faster; see benchmarks/RESULTS.md"),
+}
+
+
 @dataclass
 class ModelConfig:
     """Keywords passed to ``dnc_lab.DNC`` (see its docstring for their meaning)."""
@@ -72,13 +80,10 @@ class ModelConfig:
     num_writes: int = _f(1, "write heads", min=1)
     checkpoint_steps: int = _f(0, "keep the recurrent state every this many steps for backward and "
                                   "recompute the rest (less memory, more time); 0 keeps all", min=0)
-    fused_link: int = _f(0, "k > 0: fused link-matrix update that keeps a link matrix for backward only "
-                            "every k steps (faster and far less memory from ~128 cells); 0: reference", min=0)
-    compile_step: bool = _f(False, "torch.compile one time step (controller + memory): faster steps after a "
-                                   "compilation of tens of seconds per batch size")
-    native: bool = _f(True, "run the memory step as compiled C++ (dnc_lab/native.py; CPU, one write head): same "
-                            "numbers, 2-3x faster; falls back to the reference step with a warning where it "
-                            "cannot run (GPU, no C++ compiler)")
+    backend: Literal["auto", "reference", "native", "triton"] = _f(
+        "auto", "memory-step kernels (dnc_lab/backends/): auto takes the fastest that supports the model, "
+                "dtype and device (native C++ on a CPU, Triton on a GPU), else the reference; same numbers")
+    native: Optional[bool] = _f(None, "earlier name: true means backend: native, false backend: reference")
 
 
 @dataclass
@@ -107,6 +112,12 @@ class TrainConfig:
     eval_batch_size: int = _f(200, "sequences per length for the final evaluation", min=1)
     threads: Optional[int] = _f(None, "CPU threads for torch (torch.set_num_threads); default: torch's. "
                                       "1 is often fastest for small models on a shared machine", min=1)
+    cuda_graph: bool = _f(False, "CUDA only (no effect on the CPU): capture the whole training step once as a "
+                                 "CUDA graph and replay it; every batch is padded to the task's longest "
+                                 "sequence, so short curriculum lengths cost as much as the longest")
+    tf32: bool = _f(False, "CUDA only: float32 matrix products in TF32 (10-bit mantissa, faster on recent "
+                           "GPUs): the controller's and output layer's, and the memory step's where it uses "
+                           "torch's products (reference backend); false keeps full float32")
 
 
 @dataclass
@@ -204,6 +215,7 @@ def config_from_dict(raw: Any, source: str = "<config>", overrides: typing.Seque
             sections[name] = _build(_SECTION_CLASSES[name], name, data, where)
     cfg = Config(**sections)
     _resolve_model_sizes(cfg, lambda key: origin.get(("model", key), source))
+    _check_backend(cfg.model, lambda key: origin.get(("model", key), source))
     return cfg
 
 
@@ -264,6 +276,11 @@ def _build(cls: type, section: str, data: dict, where) -> Any:
     hints = typing.get_type_hints(cls)
     values = {}
     for key, value in data.items():
+        if section == "model" and key in REMOVED_MODEL_KEYS:
+            default, why = REMOVED_MODEL_KEYS[key]
+            if value == default:  # written by an earlier version into a run's config.yaml: harmless
+                continue
+            raise ConfigError(f"{where(key)}: model.{key} = {value!r} no longer exists: {why}; delete the key")
         if key not in fields:
             raise ConfigError(f"{where(key)}: unknown key {section}.{key}{_suggest(str(key), fields)}; "
                               f"allowed: {', '.join(fields)}")
@@ -325,6 +342,16 @@ def _resolve_model_sizes(cfg: Config, where) -> None:
             raise ConfigError(f"{where(key)}: model.{key} = {given} conflicts with task {cfg.task.name!r}, "
                               f"which needs {needed}; remove the key (it follows from the task)")
         setattr(cfg.model, key, needed)
+
+
+def _check_backend(model: ModelConfig, where) -> None:
+    """model.native (the earlier key) must agree with model.backend when both are given."""
+    if model.native is None:
+        return
+    alias = "native" if model.native else "reference"
+    if model.backend not in ("auto", alias):
+        raise ConfigError(f"{where('native')}: model.native = {str(model.native).lower()} means backend: {alias}, "
+                          f"but model.backend = {model.backend}; keep only model.backend")
 
 
 def _suggest(name: str, options: typing.Iterable[str]) -> str:
