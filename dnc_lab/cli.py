@@ -242,9 +242,14 @@ def eval_command(run: str, lengths: Optional[str], batch_size: int, seed: int, c
               help="Ray cluster to join (or 'auto'); default: $RAY_ADDRESS, else a local Ray started here.")
 @click.option("--max-concurrent", type=click.IntRange(min=1), default=None,
               help="Trials at once (overrides the sweep file's max_concurrent).")
+@click.option("--cpus", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="CPUs per trial (overrides the sweep file's resources.cpus).")
+@click.option("--gpus", type=click.FloatRange(min=0), default=None,
+              help="GPUs per trial, a fraction to share one (overrides the sweep file's resources.gpus).")
 @click.option("--dry-run", is_flag=True, help="List the trials and their values, and write nothing.")
 def sweep(sweep_file: Optional[Path], overrides: tuple[str, ...], sweep_id: Optional[str], resume_id: Optional[str],
-          address: Optional[str], max_concurrent: Optional[int], dry_run: bool) -> None:
+          address: Optional[str], max_concurrent: Optional[int], cpus: Optional[float], gpus: Optional[float],
+          dry_run: bool) -> None:
     """Run a seed / hyper-parameter sweep (SWEEP_FILE, see configs/sweeps/) on Ray Tune, each trial
     an ordinary run folder experiments/<sweep>/<trial>/."""
     from dnc_lab import sweep as sweeps
@@ -267,7 +272,8 @@ def sweep(sweep_file: Optional[Path], overrides: tuple[str, ...], sweep_id: Opti
             return
         sweep_dir = sweeps.create_sweep(spec, trials, overrides, sweep_id)
         click.echo(f"sweep {sweep_dir.name}: {sweep_dir}/ ({len(trials)} trials)")
-    outcome = sweeps.run_sweep(sweep_dir, address=address, max_concurrent=max_concurrent, echo=click.echo)
+    outcome = sweeps.run_sweep(sweep_dir, address=address, max_concurrent=max_concurrent, cpus=cpus, gpus=gpus,
+                               echo=click.echo)
     if outcome.counts.get("failed"):
         sys.exit(1)
 

@@ -691,8 +691,11 @@ class SweepCallback(tune.Callback):
 
 
 def run_sweep(sweep_dir: Path, address: Optional[str] = None, max_concurrent: Optional[int] = None,
-              echo=print, hook: Optional[Callable[[Path, dict], None]] = None) -> SweepOutcome:
+              cpus: Optional[float] = None, gpus: Optional[float] = None, echo=print,
+              hook: Optional[Callable[[Path, dict], None]] = None) -> SweepOutcome:
     """Run every trial of the sweep that is not done yet through Ray Tune; returns the counts.
+
+    max_concurrent, cpus, gpus: instead of the sweep file's max_concurrent and resources (per trial).
 
     address: a Ray cluster to join ("host:port", or "auto"); default $RAY_ADDRESS, else a local Ray
     started here and shut down at the end. A Ray already initialised in this process is used as it is.
@@ -703,6 +706,8 @@ def run_sweep(sweep_dir: Path, address: Optional[str] = None, max_concurrent: Op
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: none of Tune's own tables; we print lines
     record = runs.read_sweep(sweep_dir)
     options = record["options"]
+    options["resources"] = {"cpus": options["resources"]["cpus"] if cpus is None else cpus,
+                            "gpus": options["resources"]["gpus"] if gpus is None else gpus}
     trial_ids = [t["id"] for t in record["trials"]]
     todo = [t for t in trial_ids if not trial_done(sweep_dir / t)]
     status = runs.read_status(sweep_dir)
