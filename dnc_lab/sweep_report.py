@@ -158,7 +158,7 @@ def table(summaries: list[ConfigSummary]) -> str:
         counts = (s.config, str(c["seeds"]) + (f" ({c['not_done']} not done)" if c["not_done"] else ""),
                   str(c["solved"]), str(c["failed"]), str(c["stopped"]))
         for i, name in enumerate(QUANTITIES):
-            digits = 1 if name == "seconds_to_target" else 4
+            digits = {"seconds_to_target": 1, "steps_to_target": 0}.get(name, 4)
             rows.append((counts if i == 0 else ("",) * 5) + (name.replace("_", " "),) + _cell(s.quantity(name), digits))
         for length in s.lengths():
             note = " (longer than trained)" if s.trials[0].trained_max_length and \
@@ -224,15 +224,17 @@ def write_report(sweep_dir: Path, solved_ber: float = 0.001, plots: bool = True)
 # Plots
 
 
-def _held(curve: list[tuple[int, Optional[float], Optional[float]]], index: int, steps: list[int]) -> list[float]:
+def _held(curve: list[tuple[int, Optional[float], Optional[float]]], index: int, steps: list[int],
+          hold: bool) -> list[float]:
     """The curve's value (index 1: BER, 2: loss) at each of ``steps``: the last summary at or
-    before it, held after the trial stopped (a run that reached its target stays solved)."""
+    before it; after the run's last summary, held if ``hold`` (a run that reached its target
+    stays solved), else NaN (a stopped run says nothing about later steps)."""
     out, j, value = [], 0, math.nan
     for step in steps:
         while j < len(curve) and curve[j][0] <= step:
             value = curve[j][index] if curve[j][index] is not None else math.nan
             j += 1
-        out.append(value if j else math.nan)
+        out.append(math.nan if not j or (step > curve[-1][0] and not hold) else value)
     return out
 
 
@@ -250,7 +252,8 @@ def plot(sweep_dir: Path, summaries: list[ConfigSummary]) -> list[Path]:
         steps = sorted({p[0] for t in s.trials for p in t.curve})
         for row, (index, label) in enumerate(((1, "training BER"), (2, "training loss"))):
             ax = axes[row][col]
-            held = [np.array(_held(t.curve, index, steps)) for t in s.trials if t.curve and t.status != "failed"]
+            held = [np.array(_held(t.curve, index, steps, hold=t.status in ("finished", "reached_target")))
+                    for t in s.trials if t.curve and t.status != "failed"]
             for t in s.trials:
                 if t.curve:
                     xs = [p[0] for p in t.curve]
@@ -276,8 +279,8 @@ def plot(sweep_dir: Path, summaries: list[ConfigSummary]) -> list[Path]:
                 ax.set_ylabel(label)
             if row == 1:
                 ax.set_xlabel("step")
-    fig.suptitle(f"{sweep_dir.name}: every seed (thin), median and 25-75% band (a finished run holds its "
-                 f"last value)", fontsize=10)
+    fig.suptitle(f"{sweep_dir.name}: every seed (thin), median and 25-75% band over seeds (a run that "
+                 f"ended at its target holds its last value)", fontsize=10)
     fig.tight_layout()
     fig.savefig(paths[0], dpi=110)
     plt.close(fig)

@@ -300,6 +300,24 @@ def test_a_trial_failing_for_good_is_reported_with_its_reason_and_the_sweep_goes
         assert (sweep_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_the_sweep_dashboard_overlays_the_trials_curves(grid, visdom_server, monkeypatch):
+    sweep_dir, trials, _ = grid
+    monkeypatch.setenv("DNCLAB_EXPERIMENTS", str(sweep_dir.parent))
+    replayed = cli("viz", "--run", "grid", "--port", visdom_server.port, "--env", "grid_replayed")
+    assert replayed.exit_code == 0, replayed.output
+    windows = visdom_server.connection().windows("grid-replayed")
+    assert set(windows) == {"loss", "ber"}
+    for win in ("loss", "ber"):
+        traces = {t["name"]: t for t in windows[win]["content"]["data"]}
+        assert set(traces) == {t.id for t in trials}
+        # the killed trial's redone steps appear once, as in its metrics.jsonl
+        rows = runs.read_metrics(sweep_dir / "nr_cells4-seed0")
+        assert traces["nr_cells4-seed0"]["x"] == [r["step"] for r in rows]
+        assert traces["nr_cells4-seed0"]["y"] == pytest.approx([r[win] for r in rows], rel=1e-5)
+
+
 def _wait(predicate, timeout: float, what: str, proc=None):
     deadline = time.monotonic() + timeout
     while not predicate():
