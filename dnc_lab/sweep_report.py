@@ -247,7 +247,7 @@ def plot(sweep_dir: Path, summaries: list[ConfigSummary]) -> list[Path]:
 
     paths = [sweep_dir / "curves.png", sweep_dir / "eval_ber.png"]
     n = len(summaries)
-    fig, axes = plt.subplots(2, n, figsize=(4.2 * n + 0.6, 6.4), squeeze=False, sharex="col")
+    fig, axes = plt.subplots(2, n, figsize=(max(4.2 * n + 0.6, 6.0), 6.8), squeeze=False, sharex="col")
     for col, s in enumerate(summaries):
         steps = sorted({p[0] for t in s.trials for p in t.curve})
         for row, (index, label) in enumerate(((1, "training BER"), (2, "training loss"))):
@@ -279,8 +279,8 @@ def plot(sweep_dir: Path, summaries: list[ConfigSummary]) -> list[Path]:
                 ax.set_ylabel(label)
             if row == 1:
                 ax.set_xlabel("step")
-    fig.suptitle(f"{sweep_dir.name}: every seed (thin), median and 25-75% band over seeds (a run that "
-                 f"ended at its target holds its last value)", fontsize=10)
+    fig.suptitle(f"{sweep_dir.name}: every seed (thin), median and 25-75% band over seeds\n"
+                 f"(a run that ended at its target holds its last value)", fontsize=10)
     fig.tight_layout()
     fig.savefig(paths[0], dpi=110)
     plt.close(fig)
