@@ -9,6 +9,11 @@ Shape convention (all tensors batch-first):
 
 Nothing here holds state or parameters: each function maps tensors to tensors, so each can be
 tested on its own, including with ``torch.autograd.gradcheck`` in float64.
+
+Three optional variants follow Csordás & Schmidhuber, "Improving Differentiable Neural Computers
+Through Memory Masking, De-allocation, and Link Distribution Sharpness Control" (ICLR 2019):
+``masked_content_weighting`` (Section 3.1), ``deallocate`` (Section 3.2, Eq. 1) and ``sharpen``
+(Section 3.3, Eq. 2). ``dnc_lab.memory`` uses them only when the model asks for them.
 """
 
 from __future__ import annotations
@@ -44,6 +49,28 @@ def content_weighting(memory: torch.Tensor, keys: torch.Tensor, strengths: torch
     Each row is a softmax over cells, so it sums to 1.
     """
     similarity = cosine_similarity(memory, keys)
+    return torch.softmax(similarity * strengths.unsqueeze(-1), dim=-1)
+
+
+def masked_content_weighting(memory: torch.Tensor, keys: torch.Tensor, strengths: torch.Tensor,
+                             masks: torch.Tensor) -> torch.Tensor:
+    """Masked content lookup: C(M, k, β, m)[i] = softmax_i(β D(k ∘ m, M[i] ∘ m)) (Csordás & Schmidhuber, 3.1).
+
+    memory [B, N, W], keys [B, K, W], strengths β [B, K], masks m [B, K, W] in [0, 1] -> [B, K, N].
+
+    Each head multiplies both its key and every memory row by its own mask before the cosine
+    similarity, so the parts of a cell the head does not search for (the value to be retrieved)
+    count neither in the dot product nor in the norms. m = 1 everywhere is ``content_weighting``.
+
+    Computed without a [B, K, N, W] tensor: (k ∘ m)·(M[i] ∘ m) = Σ_w k_w m_w² M[i, w], and
+    |M[i] ∘ m|² = Σ_w M[i, w]² m_w², each one matrix product. Norms get the same ε as
+    ``cosine_similarity`` (finite gradients at an all-zero memory or mask).
+    """
+    mask_sq = masks.pow(2)  # [B, K, W]
+    dot = torch.matmul(keys * mask_sq, memory.transpose(1, 2))  # [B, K, N]
+    key_norm = torch.sqrt((keys * masks).pow(2).sum(-1, keepdim=True) + EPSILON)  # [B, K, 1]
+    memory_norm = torch.sqrt(torch.matmul(mask_sq, memory.pow(2).transpose(1, 2)) + EPSILON)  # [B, K, N]
+    similarity = dot / (key_norm * memory_norm)
     return torch.softmax(similarity * strengths.unsqueeze(-1), dim=-1)
 
 
@@ -93,6 +120,19 @@ def allocation_weighting(usage_vector: torch.Tensor) -> torch.Tensor:
     before = torch.cumprod(torch.cat([ones, sorted_usage[..., :-1]], dim=-1), dim=-1)
     sorted_allocation = (1 - sorted_usage) * before
     return torch.zeros_like(sorted_allocation).scatter(-1, order, sorted_allocation)
+
+
+def deallocate(memory: torch.Tensor, retention_vector: torch.Tensor) -> torch.Tensor:
+    """De-allocation erases the freed cells: M_{t-1} ∘ ψ_t 1^T (Csordás & Schmidhuber, 3.2).
+
+    memory [B, N, W], retention_vector ψ [B, N] in [0, 1] -> [B, N, W].
+
+    The paper's memory update is M_t = M_{t-1} ∘ ψ_t 1^T ∘ (E - w^w_t e_t^T) + w^w_t v_t^T (its Eq. 1),
+    i.e. ``erase_and_write(deallocate(M_{t-1}, ψ_t), ...)``. In the plain DNC ψ lowers only the
+    usage, so a freed cell keeps its contents and content lookup still finds it (aliasing with
+    a newer cell written with a similar key); scaling the row by ψ removes it.
+    """
+    return memory * retention_vector.unsqueeze(-1)
 
 
 def write_allocation_weights(usage_vector: torch.Tensor, write_gates: torch.Tensor, num_writes: int) -> torch.Tensor:
@@ -184,6 +224,30 @@ def directional_weightings(link: torch.Tensor, prev_read_weights: torch.Tensor) 
     forward = torch.matmul(reads, link.transpose(-1, -2))  # [B, H, R, N]
     backward = torch.matmul(reads, link)  # [B, H, R, N]
     return forward.transpose(1, 2), backward.transpose(1, 2)
+
+
+def sharpen(weightings: torch.Tensor, sharpness: torch.Tensor) -> torch.Tensor:
+    """Link-distribution sharpening S(d, s)_i = d_i^s / Σ_j d_j^s (Csordás & Schmidhuber, 3.3, Eq. 2).
+
+    weightings d [B, R, H, N] (the forward or backward weightings of ``directional_weightings``),
+    sharpness s [B, R] (≥ 1 after oneplus; one per read head, used for every write head's
+    weighting) -> [B, R, H, N], each row summing to exactly 1.
+
+    Applied to the forward weightings f = L_t w^r_{t-1} and, with its own exponent, to the backward
+    weightings b = L_t^T w^r_{t-1}, right before the read modes mix them with content lookup.
+    The exponent counters the blur that builds up in L_t when write weightings are not one-hot
+    and compounds with every step a head follows the links.
+
+    Stabilised as in the paper: S uses ((d_i + ε) / max_j(d_j + ε))^s. Dividing by the maximum
+    cancels in the ratio, so it only keeps the powers in (0, 1]; it is detached, which changes no
+    gradient (S does not depend on it) and keeps ties of the maximum out of the backward pass.
+    Note the renormalisation: a weighting that is 0 everywhere (no cell written after the one
+    read) becomes uniform, 1/N per cell, where the plain DNC's stays 0.
+    """
+    shifted = weightings + EPSILON
+    scaled = shifted / shifted.amax(dim=-1, keepdim=True).detach()  # in (0, 1]
+    powered = scaled.pow(sharpness[:, :, None, None])
+    return powered / powered.sum(dim=-1, keepdim=True)
 
 
 def read_weighting(

@@ -84,6 +84,13 @@ class ModelConfig:
         "auto", "memory-step kernels (dnc_lab/backends/): auto takes the fastest that supports the model, "
                 "dtype and device (native C++ on a CPU, Triton on a GPU), else the reference; same numbers")
     native: Optional[bool] = _f(None, "earlier name: true means backend: native, false backend: reference")
+    # Csordás & Schmidhuber (ICLR 2019). A backend whose kernels lack one is passed over (auto says why).
+    masked_lookup: bool = _f(False, "masked content lookup: a sigmoid mask per head multiplies key and memory "
+                                    "rows before the cosine similarity")
+    mask_min: float = _f(0.0, "floor of the lookup masks (the paper: 0.1); needs masked_lookup", min=0.0, lt=1.0)
+    deallocation: bool = _f(False, "de-allocation erases memory: the retention vector also scales the cells")
+    link_sharpness: bool = _f(False, "sharpen the forward/backward link weightings with a learned exponent "
+                                     "per read head and direction")
 
 
 @dataclass
@@ -216,6 +223,9 @@ def config_from_dict(raw: Any, source: str = "<config>", overrides: typing.Seque
     cfg = Config(**sections)
     _resolve_model_sizes(cfg, lambda key: origin.get(("model", key), source))
     _check_backend(cfg.model, lambda key: origin.get(("model", key), source))
+    if cfg.model.mask_min and not cfg.model.masked_lookup:
+        raise ConfigError(f"{origin.get(('model', 'mask_min'), source)}: model.mask_min = {cfg.model.mask_min} "
+                          "has no effect without model.masked_lookup: true")
     return cfg
 
 

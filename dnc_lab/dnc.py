@@ -55,6 +55,11 @@ class CoreConfig:
     share_memory: bool  # one memory for all layers
     clip: float  # controller outputs clipped to [-clip, clip]; 0: no clipping
     num_writes: int  # H, write heads
+    # Csordás & Schmidhuber's variants (ICLR 2019); a backend lacking one is passed over (backends.VARIANTS)
+    masked_lookup: bool = False  # masked content lookup, masks floored at mask_min
+    mask_min: float = 0.0
+    deallocation: bool = False  # the retention vector also erases memory
+    link_sharpness: bool = False  # sharpened forward and backward weightings
 
     @property
     def read_size(self) -> int:
@@ -83,7 +88,8 @@ class DNCCore(nn.Module):
         )
         self.memories = nn.ModuleList(
             MemoryAccess(config.hidden_size, config.nr_cells, config.cell_size, config.read_heads, config.num_writes,
-                         config.independent_linears)
+                         config.independent_linears, masked_lookup=config.masked_lookup, mask_min=config.mask_min,
+                         deallocation=config.deallocation, link_sharpness=config.link_sharpness)
             for _ in range(1 if config.share_memory else config.num_layers)
         )
 
@@ -248,6 +254,11 @@ def _view_of_first_sample(state: MemoryState, interface) -> dict[str, torch.Tens
         free_gates=interface.free_gates[0].detach(),
         read_modes=interface.read_modes[0].detach().flatten(),
     )
+    # The variants' quantities, when the model has them.
+    for key in ("read_masks", "write_masks", "forward_sharpness", "backward_sharpness"):
+        value = getattr(interface, key)
+        if value is not None:
+            view[key] = value[0].detach().flatten()
     return view
 
 
@@ -293,6 +304,10 @@ class DNC(nn.Module):
         checkpoint_steps: int = 0,
         backend: str = "auto",
         native: Optional[bool] = None,
+        masked_lookup: bool = False,
+        mask_min: float = 0.0,
+        deallocation: bool = False,
+        link_sharpness: bool = False,
     ):
         super().__init__()
         rnn_type = rnn_type.lower() if isinstance(rnn_type, str) else rnn_type
@@ -321,12 +336,17 @@ class DNC(nn.Module):
         self.checkpoint_steps = checkpoint_steps
         self.requested_backend = backend
         self._choices: dict[tuple, backends.Choice] = {}  # (device, dtype) -> backend choice, made once each
+        self.masked_lookup = masked_lookup
+        self.mask_min = mask_min
+        self.deallocation = deallocation
+        self.link_sharpness = link_sharpness
 
         self.core_config = CoreConfig(
             input_size=input_size, hidden_size=hidden_size, rnn_type=rnn_type, num_layers=num_layers,
             num_hidden_layers=num_hidden_layers, bias=bias, dropout=dropout, nr_cells=nr_cells, read_heads=read_heads,
             cell_size=cell_size, nonlinearity=nonlinearity, independent_linears=independent_linears,
-            share_memory=share_memory, clip=clip, num_writes=num_writes)
+            share_memory=share_memory, clip=clip, num_writes=num_writes, masked_lookup=masked_lookup,
+            mask_min=mask_min, deallocation=deallocation, link_sharpness=link_sharpness)
         directions = 2 if bidirectional else 1
         self.cores = nn.ModuleList(DNCCore(self.core_config) for _ in range(directions))
         self.output = nn.Linear(directions * (hidden_size + read_heads * cell_size), self.output_size)
@@ -380,7 +400,9 @@ class DNC(nn.Module):
         views: numpy arrays for batch element 0, one row per time step, taken after the top
         layer's memory step (forward direction): memory [T, N*W], link_matrix [T, H*N*N],
         precedence [T, H*N], read_weights [T, R*N], write_weights [T, H*N], usage_vector [T, N],
-        write_gate [T, H], allocation_gate [T, H], free_gates [T, R], read_modes [T, R*(2H+1)].
+        write_gate [T, H], allocation_gate [T, H], free_gates [T, R], read_modes [T, R*(2H+1)];
+        with ``masked_lookup`` also read_masks [T, R*W] and write_masks [T, H*W], with
+        ``link_sharpness`` forward_sharpness [T, R] and backward_sharpness [T, R].
         """
         return self._run(input, hx, reset_experience, True, True)
 
@@ -455,6 +477,14 @@ def _validate(args: dict[str, Any]) -> None:
     value = args["checkpoint_steps"]
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"checkpoint_steps={value!r}: expected an integer >= 0 (0: off)")
+    for name in backends.VARIANTS:
+        if not isinstance(args[name], bool):
+            raise ValueError(f"{name}={args[name]!r}: expected True or False")
+    mask_min = args["mask_min"]
+    if isinstance(mask_min, bool) or not isinstance(mask_min, (int, float)) or not 0 <= mask_min < 1:
+        raise ValueError(f"mask_min={mask_min!r}: expected a number in [0, 1) (the floor of the lookup masks)")
+    if mask_min and not args["masked_lookup"]:
+        raise ValueError(f"mask_min={mask_min!r} has no effect without masked_lookup=True")
     if args["clip"] < 0:
         raise ValueError(f"clip={args['clip']!r}: expected >= 0 (0 disables clipping)")
 

@@ -195,6 +195,78 @@ def test_read_hand_computed():
     assert torch.allclose(A.read(memory, t([[[0.5, 0.5]]])), t([[[2.0, 3.0]]]))
 
 
+# --- Csordás & Schmidhuber's variants (ICLR 2019) ----------------------------------------------
+
+def test_masked_content_weighting_hand_computed():
+    # The key searches position 0 only; position 1 (the "value") must not change the scores.
+    memory = t([[1.0, 5.0], [1.0, -3.0], [0.0, 1.0]]).unsqueeze(0)  # [1, 3, 2]
+    key = t([[1.0, 7.0]]).unsqueeze(0)
+    mask = t([[1.0, 0.0]]).unsqueeze(0)
+    weights = A.masked_content_weighting(memory, key, t([[2.0]]), mask)[0, 0]
+    # masked rows [1, 0], [1, 0], [0, 0], masked key [1, 0]: similarities 1, 1, 0
+    assert torch.allclose(weights, torch.softmax(t(2.0, 2.0, 0.0), 0), atol=1e-5)
+    # unmasked, the values decide: row 1 ([1, -3]) points away from [1, 7] and is almost never chosen,
+    # softmax(2 * [0.9995, -0.894, 0.990])[1] = 0.011
+    plain = A.content_weighting(memory, key, t([[2.0]]))[0, 0]
+    assert plain[1] < 0.02
+
+
+def test_masked_content_weighting_with_mask_of_ones_is_content_weighting():
+    g = torch.Generator().manual_seed(2)
+    memory, keys = torch.randn(2, 6, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    strengths = 1 + torch.rand(2, 3, generator=g)
+    masked = A.masked_content_weighting(memory, keys, strengths, torch.ones(2, 3, 4))
+    assert torch.allclose(masked, A.content_weighting(memory, keys, strengths), atol=1e-12, rtol=0)
+
+
+def test_masked_content_weighting_scales_a_position_by_the_mask():
+    # A half mask weighs position 1 by 0.5² in the dot product and the norms: a direct check of D(k ∘ m, M ∘ m).
+    memory = t([[[2.0, 1.0]]])
+    key = t([[[1.0, 3.0]]])
+    mask = t([[[1.0, 0.5]]])
+    km, mm = key[0, 0] * mask[0, 0], memory[0, 0] * mask[0, 0]  # [1, 1.5], [2, 0.5]
+    expected = (km @ mm) / ((km @ km + A.EPSILON) ** 0.5 * (mm @ mm + A.EPSILON) ** 0.5)
+    logits = A.masked_content_weighting(torch.cat([memory, torch.zeros(1, 1, 2)], 1), key, t([[1.0]]), mask)
+    # two cells, the second all zero (similarity 0): softmax([D, 0])[0] = sigmoid(D)
+    assert torch.allclose(logits[0, 0, 0], torch.sigmoid(expected), atol=1e-12, rtol=0)
+
+
+def test_deallocate_hand_computed():
+    memory = t([[[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]])
+    retention_vector = t([[0.5, 0.0, 1.0]])
+    expected = t([[[0.5, 1.0], [0.0, 0.0], [5.0, 6.0]]])
+    assert torch.equal(A.deallocate(memory, retention_vector), expected)
+
+
+def test_sharpen_hand_computed():
+    d = t([0.5, 0.25, 0.25, 0.0]).reshape(1, 1, 1, 4)
+    # squares 0.25, 0.0625, 0.0625, 0 -> / 0.375
+    assert torch.allclose(A.sharpen(d, t([[2.0]]))[0, 0, 0], t(2 / 3, 1 / 6, 1 / 6, 0.0), atol=1e-5)
+    # exponent 1 only renormalises
+    half = t([0.3, 0.1, 0.0, 0.0]).reshape(1, 1, 1, 4)
+    assert torch.allclose(A.sharpen(half, t([[1.0]]))[0, 0, 0], t(0.75, 0.25, 0.0, 0.0), atol=1e-5)
+
+
+def test_sharpen_rows_sum_to_one_a_zero_weighting_becomes_uniform_and_peaks_grow():
+    g = torch.Generator().manual_seed(3)
+    d = random_weighting(2, 3, 2, 5, generator=g)
+    sharpness = 1 + 3 * torch.rand(2, 3, generator=g)
+    out = A.sharpen(d, sharpness)
+    assert torch.allclose(out.sum(-1), torch.ones(2, 3, 2), atol=1e-12)
+    renormalised = d / d.sum(-1, keepdim=True)
+    peak = d.argmax(-1, keepdim=True)
+    assert (out.gather(-1, peak) >= renormalised.gather(-1, peak) - 1e-12).all()
+    zero = A.sharpen(torch.zeros(1, 1, 1, 4), t([[3.0]]))
+    assert torch.allclose(zero, torch.full((1, 1, 1, 4), 0.25), atol=1e-12)
+
+
+def test_sharpen_applies_each_read_heads_own_exponent():
+    d = t([0.6, 0.4]).reshape(1, 1, 1, 2).expand(1, 2, 1, 2)
+    out = A.sharpen(d, t([[1.0, 3.0]]))[0, :, 0]
+    assert torch.allclose(out[0], t(0.6, 0.4), atol=1e-5)
+    assert torch.allclose(out[1], t(0.216, 0.064) / 0.28, atol=1e-5)
+
+
 # --- gradients ----------------------------------------------------------------------------------
 
 def _inputs(g):
@@ -222,6 +294,9 @@ def _inputs(g):
         "alloc": leaf(random_weighting(b, h, n, generator=g)),
         "gates_h2": leaf(torch.rand(b, h, generator=g)),
         "vectors2": leaf(torch.randn(b, h, w, generator=g)),
+        "masks": leaf(0.1 + 0.9 * torch.rand(b, r, w, generator=g)),
+        "retention": leaf(torch.rand(b, n, generator=g)),
+        "sharpness": leaf(1 + 2 * torch.rand(b, r, generator=g)),
     }
 
 
@@ -237,6 +312,10 @@ GRADCHECKS = {
     "directional_weightings": lambda x: (A.directional_weightings, (x["link"], x["read"])),
     "read_weighting": lambda x: (A.read_weighting, (x["read"], x["fwd"], x["bwd"], x["modes"])),
     "read": lambda x: (A.read, (x["memory"], x["read"])),
+    "masked_content_weighting": lambda x: (A.masked_content_weighting,
+                                           (x["memory"], x["keys"], x["strengths"], x["masks"])),
+    "deallocate": lambda x: (A.deallocate, (x["memory"], x["retention"])),
+    "sharpen": lambda x: (A.sharpen, (x["fwd"], x["sharpness"])),
 }
 
 

@@ -16,7 +16,10 @@ Two kinds of event (arrays are nested lists, rounded to 4 decimals to keep the f
         "precedence": [T, Wh, N], "write_weights": [T, Wh, N],
         "read_weights": [T, R, N], "usage_vector": [T, N],
         "write_gate": [T, Wh], "allocation_gate": [T, Wh], "free_gates": [T, R],
-        "read_modes": [T, R, 1 + 2*Wh]},         # per head: Wh backward, Wh forward, content
+        "read_modes": [T, R, 1 + 2*Wh],          # per head: Wh backward, Wh forward, content
+        # only from models with Csordás & Schmidhuber's variants (masked_lookup, link_sharpness):
+        "read_masks": [T, R, W], "write_masks": [T, Wh, W],
+        "forward_sharpness": [T, R], "backward_sharpness": [T, R]},
      "inputs": [T, in], "targets": [T, out], "outputs": [T, out],   # outputs: probabilities
      "mask": [T]}
 
@@ -105,6 +108,10 @@ def snapshot_event(step: int, loss: float, views: dict[str, np.ndarray], dims: d
         "allocation_gate": _view(views, "allocation_gate", -1, wh),  # [T, Wh]
         "free_gates": _view(views, "free_gates", -1, r),             # [T, R]
         "read_modes": _view(views, "read_modes", -1, r, 1 + 2 * wh), # [T, R, 1+2Wh]
+        "read_masks": _view(views, "read_masks", -1, r, w),          # [T, R, W]   masked_lookup
+        "write_masks": _view(views, "write_masks", -1, wh, w),       # [T, Wh, W]  masked_lookup
+        "forward_sharpness": _view(views, "forward_sharpness", -1, r),    # [T, R]  link_sharpness
+        "backward_sharpness": _view(views, "backward_sharpness", -1, r),  # [T, R]  link_sharpness
     }
     return {
         "kind": "snapshot", "step": int(step), "time": round(time.time(), 3),

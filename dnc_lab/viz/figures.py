@@ -19,6 +19,11 @@ Every window has a fixed name (`win`), so sending a figure again replaces its wi
                                 L[i, j] ~ "i was written right after j")
       gates                     write, allocation and free gates over time
       read-modes                backward / forward / content mode of each read head over time
+    only for models with Csordás & Schmidhuber's variants:
+      read-mask-<r>             masked_lookup: read head r's lookup mask over time (x: time step,
+                                y: word position; 1 = the position counts in the lookup)
+      write-mask-<h>            masked_lookup: the write head's lookup mask over time
+      link-sharpness            link_sharpness: each read head's forward and backward exponent
       io                        input, target, thresholded output and errors, stacked over time
 """
 
@@ -148,8 +153,27 @@ def snapshot_figures(env: str, event: dict) -> list[Message]:
     modes = _mode_traces(views)
     if modes:
         msgs.append(_lines(vis, "read-modes", modes, "read modes", tag, "mode weight"))
+    for r in range(views["read_masks"].shape[1] if "read_masks" in views else 0):
+        heatmap(f"read-mask-{r}", views["read_masks"][:, r, :].T,
+                f"lookup mask, read head {r}", "time step", "word position")
+    for h in range(views["write_masks"].shape[1] if "write_masks" in views else 0):
+        heatmap(f"write-mask-{h}", views["write_masks"][:, h, :].T,
+                f"lookup mask, write head {h}", "time step", "word position")
+    sharpness = _sharpness_traces(views)
+    if sharpness:
+        msgs.append(_lines(vis, "link-sharpness", sharpness, "link sharpness (exponent ≥ 1)", tag,
+                           "exponent", unit_range=False))
     msgs.append(_io_figure(vis, event, tag))
     return msgs
+
+
+def _sharpness_traces(views: dict) -> dict[str, np.ndarray]:
+    traces = {}
+    for key, label in (("forward_sharpness", "forward"), ("backward_sharpness", "backward")):
+        if key in views:
+            for r in range(views[key].shape[1]):
+                traces[f"r{r} {label}"] = views[key][:, r]
+    return traces
 
 
 def _gate_traces(views: dict) -> dict[str, np.ndarray]:
@@ -180,12 +204,14 @@ def _mode_traces(views: dict) -> dict[str, np.ndarray]:
 
 
 def _lines(vis, win: str, traces: dict[str, np.ndarray], title: str, tag: str,
-           ylabel: str) -> Message:
-    """Several traces over time in one window (x: time step), legend = trace names."""
+           ylabel: str, unit_range: bool = True) -> Message:
+    """Several traces over time in one window (x: time step), legend = trace names. Values in
+    [0, 1] (gates, modes) get a fixed y range so snapshots compare; others scale to the data."""
     y = np.stack(list(traces.values()), axis=1)  # [T, traces]
     x = np.arange(y.shape[0], dtype=np.float64)
+    fixed = {"ytickmin": -0.05, "ytickmax": 1.05} if unit_range else {}
     opts = _titled(title, tag, xlabel="time step", ylabel=ylabel, legend=list(traces),
-                   ytickmin=-0.05, ytickmax=1.05, **CURVE_SIZE)
+                   **fixed, **CURVE_SIZE)
     if y.shape[1] == 1:
         return _msg(vis.line(Y=y[:, 0], X=x, win=win, name=next(iter(traces)), opts=opts))
     return _msg(vis.line(Y=y, X=x, win=win, opts=opts))
