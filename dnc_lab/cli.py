@@ -2,8 +2,10 @@
 
     dnclab train CONFIG [--cuda N] [--set section.key=value]... [--run-id ID] [--dry-run]
     dnclab resume ID [--cuda N] [--steps N] [--set train.key=value]...
-    dnclab runs
+    dnclab runs [SWEEP]
     dnclab eval --run ID [--lengths 1-8,16,32]
+    dnclab sweep SWEEP.yaml [--set section.key=value]... [--sweep-id ID] [--address ADDR]
+    dnclab sweep --resume SWEEP_ID / dnclab sweep-report SWEEP_ID      (see dnc_lab.sweep)
     dnclab viz --run ID / dnclab server        (see dnc_lab.viz)
 
 Errors are one line (exit code 2 for bad input, 1 for a failed run); ``dnclab --debug ...`` shows
@@ -162,9 +164,15 @@ def _run_training(run_dir: Path, cfg, device, resume: bool, progress: Optional[b
 
 
 @main.command("runs", context_settings=CONTEXT)
-def runs_command() -> None:
-    """List the runs in the experiments folder ($DNCLAB_EXPERIMENTS, default experiments/)."""
-    folders = runs.list_runs()
+@click.argument("sweep", required=False)
+def runs_command(sweep: Optional[str]) -> None:
+    """List the runs in the experiments folder ($DNCLAB_EXPERIMENTS, default experiments/), a sweep's
+    trials as SWEEP/TRIAL; with SWEEP, only that sweep's trials."""
+    if sweep is not None and not (runs.experiments_root() / sweep / runs.SWEEP_FILE).is_file():
+        sweeps = [p.name for p in runs.list_sweeps()]
+        raise runs.RunNotFound(f"no sweep {sweep!r} in {runs.experiments_root()}/; "
+                               + (f"sweeps there: {', '.join(sweeps[-5:])}" if sweeps else "there are no sweeps"))
+    folders = runs.list_runs(sweep=sweep)
     if not folders:
         click.echo(f"no runs in {runs.experiments_root()}/")
         return
@@ -177,7 +185,7 @@ def runs_command() -> None:
             status = "dead" if s.get("host") == socket.gethostname() else "running?"
         last = s.get("last") or {}
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-        rows.append((folder.name, s.get("task", "?"), f"{s.get('step', 0)}/{s.get('steps', '?')}", status,
+        rows.append((runs.run_id(folder), s.get("task", "?"), f"{s.get('step', 0)}/{s.get('steps', '?')}", status,
                      fmt(last.get("loss")), fmt(last.get("ber")), fmt(s.get("eval_ber")), s.get("updated", "-")))
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
@@ -210,7 +218,7 @@ def eval_command(run: str, lengths: Optional[str], batch_size: int, seed: int, c
     step = int(match.group(1)) if match else path.name
     rows = evaluate(model, make_task(cfg.task, device), wanted, batch_size, seed, device)
     trained = range(cfg.task.min_length, cfg.task.max_length + 1)
-    click.echo(f"{run_dir.name} at step {step}: {batch_size} sequences per length, seed {seed}")
+    click.echo(f"{runs.run_id(run_dir)} at step {step}: {batch_size} sequences per length, seed {seed}")
     click.echo(f"{'LENGTH':>6}  {'BER':>8}  {'LOSS':>8}")
     for r in rows:
         note = "" if r["length"] in trained else "  (longer than trained)" if r["length"] > cfg.task.max_length \
@@ -220,6 +228,72 @@ def eval_command(run: str, lengths: Optional[str], batch_size: int, seed: int, c
               "rows": rows}
     with open(run_dir / "eval.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("sweep_file", required=False, type=click.Path(path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override a config value in every trial (repeatable), e.g. --set train.steps=200.")
+@click.option("--sweep-id", metavar="ID", default=None,
+              help="Name of the sweep folder (letters, digits, '-', '_'); default: next number and the file's name.")
+@click.option("--resume", "resume_id", metavar="SWEEP_ID", default=None,
+              help="Continue this sweep: run its trials that are not done (from their checkpoints).")
+@click.option("--address", default=None, metavar="HOST:PORT",
+              help="Ray cluster to join (or 'auto'); default: $RAY_ADDRESS, else a local Ray started here.")
+@click.option("--max-concurrent", type=click.IntRange(min=1), default=None,
+              help="Trials at once (overrides the sweep file's max_concurrent).")
+@click.option("--cpus", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="CPUs per trial (overrides the sweep file's resources.cpus).")
+@click.option("--gpus", type=click.FloatRange(min=0), default=None,
+              help="GPUs per trial, a fraction to share one (overrides the sweep file's resources.gpus).")
+@click.option("--dry-run", is_flag=True, help="List the trials and their values, and write nothing.")
+def sweep(sweep_file: Optional[Path], overrides: tuple[str, ...], sweep_id: Optional[str], resume_id: Optional[str],
+          address: Optional[str], max_concurrent: Optional[int], cpus: Optional[float], gpus: Optional[float],
+          dry_run: bool) -> None:
+    """Run a seed / hyper-parameter sweep (SWEEP_FILE, see configs/sweeps/) on Ray Tune, each trial
+    an ordinary run folder experiments/<sweep>/<trial>/."""
+    from dnc_lab import sweep as sweeps
+
+    if (sweep_file is None) == (resume_id is None):
+        raise click.UsageError("give a sweep file, or --resume SWEEP_ID (not both)")
+    if resume_id is not None:
+        if overrides or sweep_id:
+            raise click.UsageError("--resume continues a sweep as it was made: --set and --sweep-id do not apply")
+        sweep_dir = runs.resolve_sweep_dir(resume_id)
+    else:
+        spec, trials = sweeps.load_sweep(sweep_file, overrides)
+        if sweep_id is not None and (runs.experiments_root() / runs.validate_run_id(sweep_id)).exists():
+            raise runs.RunError(f"{sweep_id!r} already exists in {runs.experiments_root()}/; choose another "
+                                f"--sweep-id, or continue it with `dnclab sweep --resume {sweep_id}`")
+        if dry_run:
+            click.echo(f"# dry run: {len(trials)} trials into {runs.experiments_root()}/{sweep_id or '<next id>'}/")
+            for t in trials:
+                click.echo(f"{t.id}: " + " ".join(t.overrides))
+            return
+        sweep_dir = sweeps.create_sweep(spec, trials, overrides, sweep_id)
+        click.echo(f"sweep {sweep_dir.name}: {sweep_dir}/ ({len(trials)} trials)")
+    outcome = sweeps.run_sweep(sweep_dir, address=address, max_concurrent=max_concurrent, cpus=cpus, gpus=gpus,
+                               echo=click.echo)
+    if outcome.counts.get("failed"):
+        sys.exit(1)
+
+
+@main.command("sweep-report", context_settings=CONTEXT)
+@click.argument("sweep_id")
+@click.option("--solved-ber", type=click.FloatRange(min=0, max=1), default=0.001,
+              help="A trial is solved once a summary's training BER is at most this (when its config has no "
+                   "train.target_ber).")
+@click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
+def sweep_report(sweep_id: str, solved_ber: float, no_plots: bool) -> None:
+    """Per configuration over seeds: final and eval BER, steps and seconds to the target, solved and
+    failed counts; as a table, and report.csv / trials.csv / report.json / curves.png / eval_ber.png in
+    the sweep folder."""
+    from dnc_lab.sweep_report import write_report
+
+    sweep_dir = runs.resolve_sweep_dir(sweep_id)
+    report = write_report(sweep_dir, solved_ber=solved_ber, plots=not no_plots)
+    click.echo(report.text)
+    click.echo("written: " + ", ".join(str(p) for p in report.files))
 
 
 main.add_command(viz)

@@ -8,6 +8,9 @@ A run lives in ``experiments/<id>/`` (the root is ``$DNCLAB_EXPERIMENTS``, defau
     checkpoints/       step-00001200.pt ...: the newest ``train.keep_checkpoints`` of them
     visdom.jsonl       the Visdom event log (written by dnc_lab.viz.dashboard)
 
+A sweep (dnc_lab.sweep) is a folder ``experiments/<sweep>/`` marked by its ``sweep.yaml``, holding
+one run folder per trial: their ids are ``<sweep>/<trial>``, and every function here takes them.
+
 Every file that is rewritten (status, checkpoints) is written to a temporary file and renamed, so a
 run killed at any moment leaves the previous version intact. Checkpoints hold only tensors and
 plain Python values, and load with ``torch.load(weights_only=True)``. Each holds its format
@@ -30,9 +33,12 @@ from typing import Any, Optional
 import click
 import numpy as np
 import torch
+import yaml
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
 CHECKPOINT_RE = re.compile(r"^step-(\d+)\.pt$")
+SWEEP_FILE = "sweep.yaml"  # marks a sweep folder (dnc_lab.sweep)
+DONE_STATUSES = ("finished", "reached_target", "stopped", "failed")  # a sweep does not run these again
 
 
 class RunError(click.ClickException):
@@ -61,27 +67,55 @@ def validate_run_id(run_id: str) -> str:
     return run_id
 
 
-def list_runs(root: Optional[Path] = None) -> list[Path]:
-    """Run folders under the root (folders holding a config.yaml), sorted by id."""
+def list_runs(root: Optional[Path] = None, sweep: Optional[str] = None) -> list[Path]:
+    """Run folders under the root (folders holding a config.yaml), sorted by id: the runs, and the
+    trials inside each sweep folder. ``sweep``: only that sweep's trials."""
     root = root or experiments_root()
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and (p / "config.yaml").is_file())
+    found = []
+    for p in sorted(root.iterdir()):
+        if not p.is_dir() or (sweep is not None and p.name != sweep):
+            continue
+        if (p / "config.yaml").is_file() and sweep is None:
+            found.append(p)
+        elif (p / SWEEP_FILE).is_file():
+            found.extend(t for t in sorted(p.iterdir()) if t.is_dir() and (t / "config.yaml").is_file())
+    return found
+
+
+def list_sweeps(root: Optional[Path] = None) -> list[Path]:
+    """Sweep folders under the root (folders holding a sweep.yaml), sorted by id."""
+    root = root or experiments_root()
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p / SWEEP_FILE).is_file())
+
+
+def run_id(run_dir: Path) -> str:
+    """A run folder's id: its name, or ``<sweep>/<trial>`` for a trial of a sweep."""
+    run_dir = Path(run_dir)
+    if (run_dir.parent / SWEEP_FILE).is_file():
+        return f"{run_dir.parent.name}/{run_dir.name}"
+    return run_dir.name
 
 
 def resolve_run_dir(run: str) -> Path:
-    """A run id (under the root) or a path to a run folder -> the folder; RunNotFound otherwise."""
+    """A run id (under the root; ``<sweep>/<trial>`` for a sweep's trial) or a path to a run folder
+    -> the folder; RunNotFound otherwise."""
     path = Path(run)
     if (path / "config.yaml").is_file():
         return path
-    if RUN_ID_RE.match(run):
+    if all(RUN_ID_RE.match(part) for part in run.split("/", 1)):
         candidate = experiments_root() / run
         if (candidate / "config.yaml").is_file():
             return candidate
-    ids = [p.name for p in list_runs()]
+    ids = [run_id(p) for p in list_runs()]
     close = difflib.get_close_matches(run, ids, n=3, cutoff=0.4)
     hint = f"; did you mean {', '.join(close)}?" if close else (
         f"; runs there: {', '.join(ids[-5:])}" if ids else "; there are no runs yet")
+    if (experiments_root() / run / SWEEP_FILE).is_file():
+        hint = f"; {run!r} is a sweep: its trials are {run}/<trial> (see `dnclab runs {run}`)"
     raise RunNotFound(f"no run {run!r} in {experiments_root()}/ (and no run folder at that path){hint}")
 
 
@@ -336,3 +370,24 @@ def load_run(path_or_id: str | Path, checkpoint: Optional[str | Path] = None,
     model.load_state_dict(state["model"])
     model.eval()
     return model, cfg.to_dict()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps (made and run by dnc_lab.sweep)
+
+
+def read_sweep(sweep_dir: Path) -> dict:
+    try:
+        return yaml.safe_load((sweep_dir / SWEEP_FILE).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise RunError(f"{sweep_dir / SWEEP_FILE}: cannot read the sweep record: {e}") from None
+
+
+def resolve_sweep_dir(sweep: str) -> Path:
+    """A sweep id (under the experiments root) or a sweep folder; RunNotFound otherwise."""
+    for candidate in (Path(sweep), experiments_root() / sweep):
+        if (candidate / SWEEP_FILE).is_file():
+            return candidate
+    found = [p.name for p in list_sweeps()]
+    hint = f"; sweeps there: {', '.join(found[-5:])}" if found else "; there are no sweeps yet"
+    raise RunNotFound(f"no sweep {sweep!r} in {experiments_root()}/{hint}")

@@ -151,7 +151,7 @@ def parse_lengths(text: str) -> list[int]:
 
 @dataclass
 class TrainResult:
-    status: str  # finished | reached_target | interrupted | max_seconds | failed
+    status: str  # finished | reached_target | interrupted | max_seconds | stopped | failed
     step: int
     message: str
     last: Optional[dict] = None
@@ -195,12 +195,13 @@ def build_model(cfg: Config, device: torch.device) -> DNC:
 
 def train(run_dir: Path, cfg: Config, device: torch.device, resume: bool = False,
           progress: Optional[bool] = None, echo=print,
-          on_summary: Optional[Callable[[dict], None]] = None) -> TrainResult:
+          on_summary: Optional[Callable[[dict], Optional[str]]] = None) -> TrainResult:
     """Train (or, with ``resume``, continue from the newest checkpoint) the run in ``run_dir``.
 
     progress: show a tqdm bar (default: when stderr is a terminal); otherwise a line per summary.
     on_summary: called with each metrics row right after it is appended to metrics.jsonl (a sweep
-    reports it to its scheduler).
+    reports it to its scheduler). If it returns a message, the run stops there as asked (status
+    'stopped', a checkpoint written): a sweep's scheduler stopping a hopeless trial.
     Returns how the run ended; raises TrainingError when it had to stop (status 'failed') and
     runs.ResumeError when the checkpoint does not fit the run's config (nothing is changed then).
     """
@@ -222,7 +223,7 @@ def train(run_dir: Path, cfg: Config, device: torch.device, resume: bool = False
 
 
 def _train(run_dir: Path, cfg: Config, device: torch.device, resume: bool, progress: Optional[bool],
-           echo, on_summary: Optional[Callable[[dict], None]]) -> TrainResult:
+           echo, on_summary: Optional[Callable[[dict], Optional[str]]]) -> TrainResult:
     tc = cfg.train
     run = _set_up(run_dir, cfg, device, resume, echo)
     out = _open_output(run, progress, echo, on_summary)
@@ -279,6 +280,7 @@ class _Run:
     last: Optional[dict] = None  # the newest metrics row
     started: float = 0.0  # time.monotonic() at elapsed 0
     interval: tuple[float, int] = (0.0, 0)  # (time, step) of the previous summary, for steps/s
+    stop_asked: Optional[str] = None  # on_summary's answer (a sweep's scheduler): stop here, and why
 
     def sample(self) -> Batch:
         return self.task.sample(self.cfg.train.batch_size, self.generator, max_length=self.curriculum.max_length)
@@ -372,7 +374,7 @@ class _Output:
     show_bar: bool
     echo: Callable[[str], Any]
     dash: Optional[Dashboard]
-    on_summary: Optional[Callable[[dict], None]]
+    on_summary: Optional[Callable[[dict], Optional[str]]]
 
     def say(self, text: str) -> None:
         """A line that leaves the progress bar intact."""
@@ -427,7 +429,7 @@ def _summarize(run: _Run, out: _Output, batch: Batch) -> dict[str, float]:
     runs.write_status(run.run_dir, step=run.step, last={k: last[k] for k in ("loss", "ber")},
                       skipped_total=run.skipped_total)
     if out.on_summary is not None:
-        out.on_summary(last)
+        run.stop_asked = out.on_summary(last)
     out.bar.set_postfix(loss=_fmt(last["loss"]), ber=_fmt(last["ber"]), refresh=False)
     if not out.show_bar:
         out.echo(f"step {run.step}/{tc.steps}  loss {_fmt(last['loss'])}  ber {_fmt(last['ber'])}  "
@@ -470,6 +472,8 @@ def _stop_reason(run: _Run, stop: _StopSignals) -> Optional[TrainResult]:
         return TrainResult("interrupted", run.step, f"{name} received at step {run.step}", signal=stop.received)
     if tc.max_seconds is not None and run.elapsed >= tc.max_seconds:
         return TrainResult("max_seconds", run.step, f"train.max_seconds = {tc.max_seconds} reached")
+    if run.stop_asked and run.step < tc.steps:  # at the last step the run is simply finished
+        return TrainResult("stopped", run.step, str(run.stop_asked))
     return None
 
 

@@ -12,7 +12,8 @@ from dnc_lab.viz.server import is_loopback
 
 @click.command()
 @click.option("--run", "run", required=True, metavar="ID",
-              help="Run id (a folder under the experiments root) or path to a run folder.")
+              help="Run id (a folder under the experiments root; SWEEP/TRIAL for a sweep's trial), path "
+                   "to a run folder, or a sweep id (its trials' curves overlaid).")
 @click.option("--port", type=click.IntRange(1, 65535), default=None,
               help="Visdom server port  [default: the run's viz.port, else 8097]")
 @click.option("--server", "server_url", default=None, metavar="URL",
@@ -30,11 +31,13 @@ def viz(run, port, server_url, env, step, timeout):
     Redraws every window from the run's event log (visdom.jsonl); replaying again gives the
     same windows, not duplicates.
     """
-    from dnc_lab.runs import resolve_run_dir
+    from dnc_lab.runs import SWEEP_FILE, experiments_root, resolve_run_dir
     from dnc_lab.viz.client import VisdomUnavailable, server_url as make_url
     from dnc_lab.viz.replay import ReplayError, replay, run_viz_settings
 
-    run_dir = resolve_run_dir(run)
+    sweep_dir = experiments_root() / run
+    # A sweep's folder has the sweep's dashboard (every trial's curves); its trials are runs.
+    run_dir = sweep_dir if (sweep_dir / SWEEP_FILE).is_file() else resolve_run_dir(run)
     settings = run_viz_settings(run_dir)
     port = port or int(settings.get("port") or 8097)
     server_url = server_url or settings.get("server") or "http://localhost"

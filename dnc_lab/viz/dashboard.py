@@ -309,6 +309,8 @@ class Dashboard:
         curves.sent(marks)
 
     def _warn(self, exc: Exception) -> None:
+        from dnc_lab.runs import run_id  # a sweep's trial is <sweep>/<trial>
+
         if self._warned:
             return
         self._warned = True
@@ -316,4 +318,4 @@ class Dashboard:
             "Visdom server at %s: %s. Training goes on without the live dashboard; every event "
             "is still written to %s. Start a server with `dnclab server --port %s`, then replay "
             "this run with `dnclab viz --run %s`.",
-            self.connection.url, exc, self.log.path, self.port, self.run_dir.name)
+            self.connection.url, exc, self.log.path, self.port, run_id(self.run_dir))

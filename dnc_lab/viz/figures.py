@@ -6,7 +6,8 @@ of sending it. Sending is someone else's job (`dnc_lab.viz.client`), with a time
 
 Every window has a fixed name (`win`), so sending a figure again replaces its window:
 
-    curves (one window per scalar; `eval_<name>` joins `<name>`'s window as trace "eval")
+    curves (one window per scalar; `eval_<name>` joins `<name>`'s window as trace "eval",
+            `<name>/<trace>` joins it as trace <trace>)
       loss, ber, ...            x: step
     the traced sample (batch element 0), redrawn at every snapshot
       memory                    [N x W] memory after the last step (x: word position, y: slot)
@@ -64,7 +65,11 @@ def _msg(result) -> Message:
 
 # ---------------------------------------------------------------------------------- curves
 def curve_of(scalar: str) -> tuple[str, str]:
-    """(window, trace) of a scalar: `eval_ber` -> ("ber", "eval"), `loss` -> ("loss", "train")."""
+    """(window, trace) of a scalar: `eval_ber` -> ("ber", "eval"), `loss` -> ("loss", "train"),
+    `loss/seed03` -> ("loss", "seed03") (a sweep's dashboard: one trace per trial)."""
+    if "/" in scalar:
+        window, trace = scalar.split("/", 1)
+        return window, trace
     if scalar.startswith("eval_"):
         return scalar[len("eval_"):], "eval"
     return scalar, "train"
