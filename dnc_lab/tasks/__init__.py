@@ -9,10 +9,14 @@ from __future__ import annotations
 import torch
 
 from dnc_lab.tasks.base import Batch, Curriculum, TaskConfig
+from dnc_lab.tasks.associative_recall import AssociativeRecallTask
 from dnc_lab.tasks.copy import CopyTask
+from dnc_lab.tasks.key_value import KeyValueTask
+from dnc_lab.tasks.priority_sort import PrioritySortTask
 from dnc_lab.tasks.repeat_copy import RepeatCopyTask
 
-TASKS = {"copy": CopyTask, "repeat_copy": RepeatCopyTask}
+TASKS = {"copy": CopyTask, "repeat_copy": RepeatCopyTask, "associative_recall": AssociativeRecallTask,
+         "priority_sort": PrioritySortTask, "key_value": KeyValueTask}
 
 
 def make_task(cfg: TaskConfig, device: torch.device | str = "cpu"):
@@ -20,4 +24,5 @@ def make_task(cfg: TaskConfig, device: torch.device | str = "cpu"):
     return TASKS[cfg.name](cfg, device)
 
 
-__all__ = ["TASKS", "Batch", "Curriculum", "TaskConfig", "make_task", "CopyTask", "RepeatCopyTask"]
+__all__ = ["TASKS", "Batch", "Curriculum", "TaskConfig", "make_task", "CopyTask", "RepeatCopyTask",
+           "AssociativeRecallTask", "PrioritySortTask", "KeyValueTask"]

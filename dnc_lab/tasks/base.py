@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -90,3 +90,28 @@ def random_lengths(batch_size: int, low: int, high: int, generator: torch.Genera
 def random_bits(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
     """Fair coin flips as floats 0/1."""
     return torch.randint(0, 2, shape, generator=generator, device=device).float()
+
+
+def draw_lengths(cfg: TaskConfig, batch_size: int, generator: torch.Generator, device: torch.device,
+                 max_length: Optional[int] = None, length: Optional[int] = None) -> tuple[torch.Tensor, int]:
+    """(lengths [batch], cap): lengths uniform in [min_length, min(max_length, cfg.max_length)], or
+    all equal to ``length`` (evaluation); ``cap`` is the longest a sequence of the batch may be,
+    which fixes the padded size T."""
+    if length is None:
+        cap = min(max_length or cfg.max_length, cfg.max_length)
+        return random_lengths(batch_size, cfg.min_length, cap, generator, device), cap
+    return torch.full((batch_size,), int(length), device=device), int(length)
+
+
+def random_permutations(lengths: torch.Tensor, cap: int, generator: torch.Generator) -> torch.Tensor:
+    """[batch, cap]: row b starts with a uniformly random permutation of 0..lengths[b]-1; the
+    positions from lengths[b] on hold lengths[b]..cap-1 in order (padding)."""
+    scores = torch.rand(lengths.shape[0], cap, generator=generator, device=lengths.device)
+    position = torch.arange(cap, device=lengths.device)[None, :]
+    scores = torch.where(position < lengths[:, None], scores, 1.0 + position)  # padding sorts last, in order
+    return scores.argsort(dim=1)
+
+
+def to_bits(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """Integer codes [...] as float bit vectors [..., width], least significant bit first."""
+    return ((codes[..., None] >> torch.arange(width, device=codes.device)) & 1).float()
