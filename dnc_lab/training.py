@@ -1,9 +1,9 @@
 """The training loop: optimisers, masked loss and bit error rate, NaN guard, summaries, checkpoints.
 
 One step, top to bottom (``train``): sample a batch on the device, run the DNC from an empty
-memory, masked BCE-with-logits loss, backward, clip the gradient norm, a guarded optimiser step
-(skipped, on the device, when the loss or gradient is not finite). Running sums stay on the device;
-the host reads them only every ``summarize_freq`` steps, to write metrics.jsonl, the progress bar,
+memory, masked loss (BCE with logits; softmax cross-entropy for a task whose answers are classes,
+see ``scoring``), backward, clip the gradient norm, a guarded optimiser step (skipped, on the
+device, when the loss or gradient is not finite). Running sums stay on the device; the host reads them only every ``summarize_freq`` steps, to write metrics.jsonl, the progress bar,
 status.json and the Visdom dashboard. Checkpoints every ``check_freq`` steps and when the run
 stops for any reason (end, SIGINT/SIGTERM, ``max_seconds``, ``target_ber``).
 """
@@ -77,6 +77,29 @@ def bit_errors(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) 
     """(wrong bits, counted bits) over the masked steps; a bit is 1 where the logit is > 0."""
     wrong = ((logits > 0) != (targets > 0.5)).float() * mask[..., None]
     return wrong.sum(), mask.sum() * logits.shape[-1]
+
+
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean softmax cross-entropy over the masked steps, for a task whose answer is one class per
+    step (bAbI's words). logits [B, T, V]; targets [B, T, V] one-hot where mask is 1; mask [B, T]."""
+    per_step = -(torch.log_softmax(logits, dim=-1) * targets).sum(-1)  # [B, T]
+    return (per_step * mask).sum() / mask.sum().clamp_min(1)
+
+
+def class_errors(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(wrong answers, answers) over the masked steps: an answer is right when the most likely
+    class is the target's."""
+    wrong = (logits.argmax(-1) != targets.argmax(-1)).float() * mask
+    return wrong.sum(), mask.sum()
+
+
+def scoring(task) -> tuple[Callable, Callable]:
+    """(loss, errors) for ``task``: masked BCE and bit errors, or for a task whose
+    ``output_kind`` is "categorical", masked cross-entropy and wrong classes. The metrics keep
+    the name ``ber``: for a categorical task it is the fraction of wrong answer words."""
+    if getattr(task, "output_kind", "bits") == "categorical":
+        return masked_cross_entropy, class_errors
+    return masked_bce, bit_errors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,13 +241,14 @@ def evaluate(model: nn.Module, task, lengths: Sequence[int], batch_size: int, se
     """
     was_training = model.training
     model.eval()
+    loss_of, errors_of = scoring(task)
     rows = []
     for length in lengths:
         generator = torch.Generator(device=device).manual_seed(seed * 100_003 + length)
         batch = task.sample(batch_size, generator, length=length)
         logits, _ = model(batch.inputs)
-        wrong, bits = bit_errors(logits, batch.targets, batch.mask)
-        loss = masked_bce(logits, batch.targets, batch.mask)
+        wrong, bits = errors_of(logits, batch.targets, batch.mask)
+        loss = loss_of(logits, batch.targets, batch.mask)
         rows.append({"length": length, "ber": (wrong / bits).item(), "loss": loss.item(), "sequences": batch_size})
     model.train(was_training)
     return rows
@@ -293,8 +317,32 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def build_model(cfg: Config, device: torch.device) -> DNC:
-    return DNC(**cfg.model_kwargs(), device=device)
+class Embedded(nn.Module):
+    """A DNC fed a learned embedding of one-hot inputs: ``embed`` is a bias-free linear layer
+    [vocabulary -> embedding_size], i.e. a lookup table (a blank, all-zero step stays zero).
+    ``forward`` and ``trace`` are the DNC's."""
+
+    def __init__(self, vocabulary: int, dnc: DNC):
+        super().__init__()
+        self.embed = nn.Linear(vocabulary, dnc.input_size, bias=False)
+        self.dnc = dnc
+
+    def forward(self, input: torch.Tensor, *args, **kwargs):
+        return self.dnc(self.embed(input), *args, **kwargs)
+
+    def trace(self, input: torch.Tensor, *args, **kwargs):
+        return self.dnc.trace(self.embed(input), *args, **kwargs)
+
+
+def build_model(cfg: Config, device: torch.device) -> nn.Module:
+    """The DNC of ``cfg.model``; wrapped in ``Embedded`` when the task asks for a learned input
+    embedding (``task.embedding_size`` > 0: the DNC then takes embedding_size inputs)."""
+    kwargs = cfg.model_kwargs()
+    embedding = getattr(cfg.task, "embedding_size", 0)
+    if not embedding:
+        return DNC(**kwargs, device=device)
+    vocabulary = kwargs.pop("input_size")
+    return Embedded(vocabulary, DNC(**kwargs, input_size=embedding, device=device)).to(device)
 
 
 def train(run_dir: Path, cfg: Config, device: torch.device, resume: bool = False,
@@ -324,6 +372,7 @@ def _train(run_dir: Path, cfg: Config, device: torch.device, resume: bool, progr
     model.train()
     optimizer = build_optimizer(list(model.parameters()), tc, device)
     task = make_task(cfg.task, device)
+    loss_of, errors_of = scoring(task)
     curriculum = Curriculum(cfg.task)
     # The data's own stream, separate from the global one that initialised the model.
     generator = torch.Generator(device=device).manual_seed(tc.seed + 1_000_003)
@@ -387,14 +436,14 @@ def _train(run_dir: Path, cfg: Config, device: torch.device, resume: bool, progr
                 step += 1
                 batch = task.sample(tc.batch_size, generator, max_length=curriculum.max_length)
                 logits, _ = model(batch.inputs)  # every batch starts from an empty memory
-                loss = masked_bce(logits, batch.targets, batch.mask)
+                loss = loss_of(logits, batch.targets, batch.mask)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = nn.utils.clip_grad_norm_(model.parameters(), tc.clip if tc.clip > 0 else math.inf)
                 ok = torch.isfinite(loss) & torch.isfinite(grad_norm)
                 guarded_step(optimizer, ok)
                 with torch.no_grad():
-                    wrong, bits = bit_errors(logits.detach(), batch.targets, batch.mask)
+                    wrong, bits = errors_of(logits.detach(), batch.targets, batch.mask)
                     accumulate(acc, ok, loss, wrong, bits, grad_norm)
                 bar.update(1)
                 elapsed = time.monotonic() - started
@@ -427,7 +476,7 @@ def _train(run_dir: Path, cfg: Config, device: torch.device, resume: bool, progr
                         echo(f"step {step}/{tc.steps}  loss {_fmt(last['loss'])}  ber {_fmt(last['ber'])}  "
                              f"skipped {last['skipped']}  {last['time']:.0f}s")
                     if dash is not None and last["loss"] is not None:
-                        _log_to_dashboard(dash, model, batch, last)
+                        _log_to_dashboard(dash, model, batch, last, categorical=loss_of is masked_cross_entropy)
                     if sums["max_run"] >= tc.max_nonfinite:
                         newest = runs.list_checkpoints(run_dir)
                         at = f"step {newest[-1][0]}" if newest else "none yet"
@@ -466,12 +515,19 @@ def _train(run_dir: Path, cfg: Config, device: torch.device, resume: bool, progr
         checkpoint()
     result.last = last
     if result.status in ("finished", "reached_target"):
-        lengths = list(range(cfg.task.min_length, cfg.task.max_length + 1))
-        result.eval = evaluate(model, task, lengths, tc.eval_batch_size, tc.seed, device)
-        eval_ber = sum(r["ber"] for r in result.eval) / len(result.eval)
+        if hasattr(task, "evaluate"):  # a task with its own held-out data (bAbI): its validation split
+            report = task.evaluate(model, "validation", tc.eval_batch_size)
+            result.eval = [{"task": t.task, "error": t.error, "questions": t.questions} for t in report.per_task]
+            eval_ber = report.mean_error
+            per_item = {str(r["task"]): r["error"] for r in result.eval}
+        else:
+            lengths = list(range(cfg.task.min_length, cfg.task.max_length + 1))
+            result.eval = evaluate(model, task, lengths, tc.eval_batch_size, tc.seed, device)
+            eval_ber = sum(r["ber"] for r in result.eval) / len(result.eval)
+            per_item = {str(r["length"]): r["ber"] for r in result.eval}
         if dash is not None:
             dash.log_scalars(step, {"eval_ber": eval_ber})
-        runs.write_status(run_dir, eval={str(r["length"]): r["ber"] for r in result.eval}, eval_ber=eval_ber)
+        runs.write_status(run_dir, eval=per_item, eval_ber=eval_ber)
     runs.write_status(run_dir, status=result.status, step=step, message=result.message)
     if dash is not None:
         dash.close()
@@ -482,8 +538,9 @@ def _fmt(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _log_to_dashboard(dash, model: DNC, batch, last: dict) -> None:
-    """Curves, and memory views of sample 0 of the current batch (one extra forward, no grad)."""
+def _log_to_dashboard(dash, model: DNC, batch, last: dict, categorical: bool = False) -> None:
+    """Curves, and memory views of sample 0 of the current batch (one extra forward, no grad).
+    Outputs are shown as probabilities: per bit, or (``categorical``) a softmax over the classes."""
     dash.log_scalars(last["step"], {"loss": last["loss"], "ber": last["ber"]})
     n = int(batch.mask[0].nonzero().max().item()) + 1 if batch.mask[0].any() else batch.mask.shape[1]
     inputs = batch.inputs[:1, :n]
@@ -493,5 +550,6 @@ def _log_to_dashboard(dash, model: DNC, batch, last: dict) -> None:
         logits, _, views = model.trace(inputs)
     model.train(was_training)
     dash.log_snapshot(last["step"], loss=last["loss"], views=views, inputs=inputs[0].cpu().numpy(),
-                      targets=batch.targets[0, :n].cpu().numpy(), outputs=torch.sigmoid(logits[0]).cpu().numpy(),
+                      targets=batch.targets[0, :n].cpu().numpy(),
+                      outputs=(torch.softmax(logits[0], -1) if categorical else torch.sigmoid(logits[0])).cpu().numpy(),
                       mask=batch.mask[0, :n].cpu().numpy())
