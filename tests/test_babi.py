@@ -14,46 +14,12 @@ from dnc_lab.cli import main
 from dnc_lab.config import ConfigError, config_from_dict
 from dnc_lab.tasks.babi import BabiConfig, BabiTask, load_babi, parse_stories, task_numbers
 from dnc_lab.training import class_errors, masked_cross_entropy
-
-QA1 = """1 Mary moved to the bathroom.
-2 John went to the hallway.
-3 Where is Mary? \tbathroom\t1
-4 Daniel went back to the hallway.
-5 Where is Daniel? \thallway\t4
-1 Sandra journeyed to the kitchen.
-2 Where is Sandra? \tkitchen\t1
-"""
-QA8 = """1 Mary took the football.
-2 Mary picked up the apple.
-3 What is Mary carrying? \tfootball,apple\t1 2
-1 John got the milk.
-2 What is John carrying? \tmilk\t1
-"""
-QA1_TEST = """1 John moved to the office.
-2 Where is John? \toffice\t1
-"""
-QA8_TEST = """1 Daniel took the milk.
-2 Daniel took the football.
-3 What is Daniel carrying? \tmilk,football\t1 2
-"""
-
-
-def write_release(root, copies: int = 10):
-    """A release folder with tasks 1 and 8: ``copies`` times each training file's stories."""
-    folder = root / "tasks_1-20_v1-2" / "en-10k"
-    folder.mkdir(parents=True)
-    (folder / "qa1_single-supporting-fact_train.txt").write_text(QA1 * copies)
-    (folder / "qa1_single-supporting-fact_test.txt").write_text(QA1_TEST)
-    (folder / "qa8_lists-sets_train.txt").write_text(QA8 * copies)
-    (folder / "qa8_lists-sets_test.txt").write_text(QA8_TEST)
-    (root / "tasks_1-20_v1-2" / "en").mkdir()  # another subset: not read
-    (root / "tasks_1-20_v1-2" / "en" / "qa1_single-supporting-fact_train.txt").write_text("1 Zebra here.\n")
-    return root / "tasks_1-20_v1-2"
+from babi_fixtures import QA1, QA8, write_release
 
 
 @pytest.fixture
 def release(tmp_path):
-    return write_release(tmp_path)
+    return write_release(tmp_path, tasks=(1, 8))
 
 
 def test_parse_one_story_word_by_word():
