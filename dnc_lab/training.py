@@ -3,8 +3,9 @@
 One step, top to bottom (``train``): sample a batch on the device, run the DNC from an empty
 memory, masked loss (BCE with logits; softmax cross-entropy for a task whose answers are classes,
 see ``scoring``), backward, clip the gradient norm, a guarded optimiser step (skipped, on the
-device, when the loss or gradient is not finite). Running sums stay on the device; the host reads them only every ``summarize_freq`` steps, to write metrics.jsonl, the progress bar,
-status.json and the Visdom dashboard. Checkpoints every ``check_freq`` steps and when the run
+device, when the loss or gradient is not finite). Running sums stay on the device; the host reads
+them only every ``summarize_freq`` steps, to write metrics.jsonl, the progress bar, status.json and
+the Visdom dashboard. Checkpoints every ``check_freq`` steps and when the run
 stops for any reason (end, SIGINT/SIGTERM, ``max_seconds``, ``target_ber``).
 """
 
@@ -31,6 +32,7 @@ from tqdm import tqdm
 from dnc_lab import runs
 from dnc_lab.config import Config, TrainConfig
 from dnc_lab.dnc import DNC
+from dnc_lab.embedding import Embedded
 from dnc_lab.tasks import Curriculum, make_task
 from dnc_lab.viz import eventlog
 from dnc_lab.viz.dashboard import Dashboard, env_name
@@ -93,11 +95,16 @@ def class_errors(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
     return wrong.sum(), mask.sum()
 
 
+def is_categorical(task) -> bool:
+    """Whether the task's answer is one class per step (its ``output_kind``; default "bits")."""
+    return getattr(task, "output_kind", "bits") == "categorical"
+
+
 def scoring(task) -> tuple[Callable, Callable]:
-    """(loss, errors) for ``task``: masked BCE and bit errors, or for a task whose
-    ``output_kind`` is "categorical", masked cross-entropy and wrong classes. The metrics keep
-    the name ``ber``: for a categorical task it is the fraction of wrong answer words."""
-    if getattr(task, "output_kind", "bits") == "categorical":
+    """(loss, errors) for ``task``: masked BCE and bit errors, or for a categorical task masked
+    cross-entropy and wrong classes. The metrics keep the name ``ber``: for a categorical task it
+    is the fraction of wrong answer words."""
+    if is_categorical(task):
         return masked_cross_entropy, class_errors
     return masked_bce, bit_errors
 
@@ -254,6 +261,22 @@ def evaluate(model: nn.Module, task, lengths: Sequence[int], batch_size: int, se
     return rows
 
 
+def final_evaluation(model: nn.Module, task, cfg: Config, device: torch.device) -> tuple[list, float, dict]:
+    """(rows, mean error, {length or task number: error}) at the end of a run: the error per
+    trained length on fresh sequences, or for a task with its own held-out data (bAbI, which has
+    ``evaluate``) the error per bAbI task on its validation split."""
+    if hasattr(task, "evaluate"):
+        was_training = model.training
+        model.eval()
+        report = task.evaluate(model, "validation", cfg.train.eval_batch_size)
+        model.train(was_training)
+        rows = [{"task": t.task, "error": t.error, "questions": t.questions} for t in report.per_task]
+        return rows, report.mean_error, {str(r["task"]): r["error"] for r in rows}
+    lengths = list(range(cfg.task.min_length, cfg.task.max_length + 1))
+    rows = evaluate(model, task, lengths, cfg.train.eval_batch_size, cfg.train.seed, device)
+    return rows, sum(r["ber"] for r in rows) / len(rows), {str(r["length"]): r["ber"] for r in rows}
+
+
 def parse_lengths(text: str) -> list[int]:
     """``"1-8,16,32"`` -> [1, ..., 8, 16, 32]; ValueError with the bad part otherwise."""
     lengths: list[int] = []
@@ -315,23 +338,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-class Embedded(nn.Module):
-    """A DNC fed a learned embedding of one-hot inputs: ``embed`` is a bias-free linear layer
-    [vocabulary -> embedding_size], i.e. a lookup table (a blank, all-zero step stays zero).
-    ``forward`` and ``trace`` are the DNC's."""
-
-    def __init__(self, vocabulary: int, dnc: DNC):
-        super().__init__()
-        self.embed = nn.Linear(vocabulary, dnc.input_size, bias=False)
-        self.dnc = dnc
-
-    def forward(self, input: torch.Tensor, *args, **kwargs):
-        return self.dnc(self.embed(input), *args, **kwargs)
-
-    def trace(self, input: torch.Tensor, *args, **kwargs):
-        return self.dnc.trace(self.embed(input), *args, **kwargs)
 
 
 def build_model(cfg: Config, device: torch.device) -> nn.Module:
@@ -476,7 +482,7 @@ def _train(run_dir: Path, cfg: Config, device: torch.device, resume: bool, progr
                         echo(f"step {step}/{tc.steps}  loss {_fmt(last['loss'])}  ber {_fmt(last['ber'])}  "
                              f"skipped {last['skipped']}  {last['time']:.0f}s")
                     if dash is not None and last["loss"] is not None:
-                        _log_to_dashboard(dash, model, batch, last, categorical=loss_of is masked_cross_entropy)
+                        _log_to_dashboard(dash, model, batch, last, categorical=is_categorical(task))
                     if sums["max_run"] >= tc.max_nonfinite:
                         newest = runs.list_checkpoints(run_dir)
                         at = f"step {newest[-1][0]}" if newest else "none yet"
@@ -515,16 +521,7 @@ def _train(run_dir: Path, cfg: Config, device: torch.device, resume: bool, progr
         checkpoint()
     result.last = last
     if result.status in ("finished", "reached_target"):
-        if hasattr(task, "evaluate"):  # a task with its own held-out data (bAbI): its validation split
-            report = task.evaluate(model, "validation", tc.eval_batch_size)
-            result.eval = [{"task": t.task, "error": t.error, "questions": t.questions} for t in report.per_task]
-            eval_ber = report.mean_error
-            per_item = {str(r["task"]): r["error"] for r in result.eval}
-        else:
-            lengths = list(range(cfg.task.min_length, cfg.task.max_length + 1))
-            result.eval = evaluate(model, task, lengths, tc.eval_batch_size, tc.seed, device)
-            eval_ber = sum(r["ber"] for r in result.eval) / len(result.eval)
-            per_item = {str(r["length"]): r["ber"] for r in result.eval}
+        result.eval, eval_ber, per_item = final_evaluation(model, task, cfg, device)
         if dash is not None:
             dash.log_scalars(step, {"eval_ber": eval_ber})
         runs.write_status(run_dir, eval=per_item, eval_ber=eval_ber)

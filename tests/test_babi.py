@@ -12,6 +12,8 @@ from click.testing import CliRunner
 
 from dnc_lab.cli import main
 from dnc_lab.config import ConfigError, config_from_dict
+from dnc_lab.embedding import Embedded
+from dnc_lab.runs import load_run
 from dnc_lab.tasks.babi import BabiConfig, BabiTask, load_babi, parse_stories, task_numbers
 from dnc_lab.training import class_errors, masked_cross_entropy
 from babi_fixtures import QA1, QA8, write_release
@@ -142,6 +144,11 @@ def test_task_numbers():
     assert task_numbers("1-3,7") == [1, 2, 3, 7] and task_numbers("1-20") == list(range(1, 21))
 
 
+def status_vocabulary(run) -> int:
+    """The vocabulary size the run was configured with (model.input_size follows the task)."""
+    return yaml.safe_load((run / "config.yaml").read_text())["model"]["input_size"]
+
+
 @pytest.mark.parametrize("embedding", [0, 6])
 def test_train_and_eval_through_the_cli(release, tmp_path, monkeypatch, embedding):
     monkeypatch.setenv("DNCLAB_EXPERIMENTS", str(tmp_path / "exp"))
@@ -163,6 +170,12 @@ def test_train_and_eval_through_the_cli(release, tmp_path, monkeypatch, embeddin
     assert len(metrics) == 2 and 0 <= metrics[-1]["ber"] <= 1 and metrics[-1]["loss"] > 0
     status = json.loads((run / "status.json").read_text())
     assert set(status["eval"]) == {"1", "8"}
+    model, _ = load_run(run)
+    if embedding:  # a learned [vocabulary -> 6] table in front of a DNC that takes 6 inputs
+        assert isinstance(model, Embedded) and model.embed.weight.shape == (6, status_vocabulary(run))
+        assert model.dnc.input_size == 6
+    else:
+        assert not isinstance(model, Embedded) and model.input_size == status_vocabulary(run)
     result = runner.invoke(main, ["eval", "--run", "b"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
