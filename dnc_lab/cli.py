@@ -188,7 +188,8 @@ def runs_command() -> None:
 @click.option("--lengths", default=None, metavar="LIST",
               help="Lengths to test, e.g. 1-8,16,32, in each task's own unit (copy: vectors; associative "
                    "recall: items; key-value: pairs; ...). Default: the trained lengths and twice the longest.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=200, help="Sequences per length.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=200,
+              help="Sequences per length (bAbI: stories per batch).")
 @click.option("--seed", type=click.IntRange(min=0), default=1234, help="Seed of the test sequences.")
 @click.option("--checkpoint", default=None, metavar="STEP", help="Checkpoint step (default: the newest; one --run only).")
 @click.option("--cuda", type=click.IntRange(min=-1), default=-1, help="CUDA device index; -1 for the CPU.")

@@ -112,9 +112,12 @@ class Story(NamedTuple):
     question: list
 
 
+_TOKEN_RE = re.compile(r"[a-z0-9]+|[.?]")
+
+
 def tokens(text: str) -> list[str]:
     """Lower-cased words and the '.' / '?' marks of one line's text."""
-    return re.findall(r"[a-z0-9]+|[.?]", text.lower())
+    return _TOKEN_RE.findall(text.lower())
 
 
 def parse_stories(text: str, task: int, think_steps: int) -> list[Story]:
