@@ -17,10 +17,10 @@ PIP_ENV := PIP_CONSTRAINT="$(strip $(wildcard /etc/xdg/pip/constraints.txt) $(BU
 
 setup: $(BIN)/dnclab assets native
 
-# Build the C++ kernels of native=True now rather than at the first training step. Without g++
-# set-up still completes: native=True then warns and runs the reference path.
+# Build the native backend's C++ kernels now rather than at the first training step. Without g++
+# set-up still completes: backend auto then runs the reference path (and says why).
 native: $(BIN)/dnclab
-	@$(BIN)/python -m dnc_lab.native || \
+	@$(BIN)/python -m dnc_lab.backends.native || \
 	  echo "warning: dnc_lab's native kernels could not be built (see above); install g++ for" \
 	       "2-3x faster training. Everything works without them." >&2
 

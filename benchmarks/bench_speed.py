@@ -20,12 +20,10 @@ a GPU ``torch.cuda.max_memory_allocated`` minus what was allocated before the st
 the bytes autograd saves for backward in one forward pass (unique storages): that figure is
 deterministic and is what grows as B·N²·T.
 
-Implementations are named on the command line (``--impls``): ``pytorch-dnc``, ``dnc_lab``,
-``dnc_lab+fused`` (dnc_lab with ``DNC(fused_link=k)``: the link matrix from ``dnc_lab.fused``; option
-``checkpoint_every``), ``dnc_lab+compile`` (memory step compiled), each with constructor overrides
-after a colon, e.g. ``dnc_lab:compile_step=true`` (the whole time step compiled),
-``dnc_lab:checkpoint_steps=8`` or ``dnc_lab+fused:checkpoint_every=4`` (several options: colons,
-``dnc_lab:compile_step=true:fused_link=8``).
+Implementations are named on the command line (``--impls``): ``pytorch-dnc`` and ``dnc_lab``
+(``DNC`` as a user gets it: ``backend="auto"``), each with constructor overrides after a colon,
+e.g. ``dnc_lab:backend=reference`` or ``dnc_lab:backend=native:checkpoint_steps=6`` (several
+options: colons). The default compares pytorch-dnc, the default DNC, and each CPU backend forced.
 
 pytorch-dnc 1.1.0 is installed from its wheel (``pip install -e ".[bench]"``). Its wheel
 requires ``flann``, whose pure-Python wheel installs fine but cannot load the native FLANN
@@ -92,7 +90,7 @@ CONFIGS = {
 # Implementations
 
 
-IMPLS = ("pytorch-dnc", "dnc_lab", "dnc_lab+fused", "dnc_lab+compile")
+IMPLS = ("pytorch-dnc", "dnc_lab")
 
 
 def parse_impl(spec: str) -> tuple[str, dict]:
@@ -136,36 +134,8 @@ def build_model(spec: str, cfg: Config, device: torch.device) -> torch.nn.Module
 
         if device.type == "cuda":
             kwargs["gpu_id"] = device.index or 0
-        checkpoint_every = overrides.pop("checkpoint_every", 8)
-        if name == "dnc_lab+fused":
-            overrides["fused_link"] = checkpoint_every  # DNC(fused_link=k): the fused link matrix
         model = DNC(**kwargs, **overrides)
-        if name == "dnc_lab+compile":
-            use_compiled_memory_step(model)
     return model.to(device)
-
-
-def use_compiled_memory_step(model: torch.nn.Module) -> None:
-    """Experiment: this model's memories step with ``torch.compile(dnc_lab.memory.memory_step)``.
-
-    Static shapes (``dynamic=False``): one compilation per (batch, cells) shape, paid in the first
-    (untimed warm-up) steps; the report shows it as the first step's time in the memory run.
-    """
-    import types
-
-    from dnc_lab import memory
-    from dnc_lab.memory import MemoryAccess, MemoryStep
-
-    compiled = torch.compile(memory.memory_step, dynamic=False)
-
-    def forward(self, controller_output, state):
-        interface = self.interface_from(controller_output)
-        read_vectors, new_state = compiled(state, interface)
-        return MemoryStep(read_vectors, new_state, interface)
-
-    for module in model.modules():
-        if isinstance(module, MemoryAccess):
-            module.forward = types.MethodType(forward, module)
 
 
 def make_batch(cfg: Config, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -528,9 +498,9 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="a,b,c", help="comma-separated names from: " + ", ".join(
         f"{k} ({c.describe()})" for k, c in CONFIGS.items()))
-    p.add_argument("--impls", default="pytorch-dnc,dnc_lab,dnc_lab:native=true",
-                   help="comma-separated; the first is the baseline of the ratios. "
-                        "Options after colons, e.g. dnc_lab:compile_step=true:fused_link=8")
+    p.add_argument("--impls", default="pytorch-dnc,dnc_lab,dnc_lab:backend=native,dnc_lab:backend=reference",
+                   help="comma-separated; the first is the baseline of the ratios; dnc_lab alone is the "
+                        "default DNC (backend auto). Options after colons, e.g. dnc_lab:backend=native:checkpoint_steps=6")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per config (default 15, --quick 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 2, --quick 1)")
     p.add_argument("--quick", action="store_true", help="a short run: few repeats, batch capped at 8")

@@ -49,6 +49,14 @@ MODEL_KEYS_SET_BY_RUNNER = {
 }
 
 
+# Model options of earlier versions: (their off value, why they went). A run folder written then
+# holds them with the off value, which is accepted and dropped.
+REMOVED_MODEL_KEYS = {
+    "fused_link": (0, "the native backend (backend: auto) is faster and leaner; see benchmarks/RESULTS.md"),
+    "compile_step": (False, "the native backend (backend: auto) is faster; see benchmarks/RESULTS.md"),
+}
+
+
 @dataclass
 class ModelConfig:
     """Keywords passed to ``dnc_lab.DNC`` (see its docstring for their meaning)."""
@@ -72,13 +80,10 @@ class ModelConfig:
     num_writes: int = _f(1, "write heads", min=1)
     checkpoint_steps: int = _f(0, "keep the recurrent state every this many steps for backward and "
                                   "recompute the rest (less memory, more time); 0 keeps all", min=0)
-    fused_link: int = _f(0, "k > 0: fused link-matrix update that keeps a link matrix for backward only "
-                            "every k steps (faster and far less memory from ~128 cells); 0: reference", min=0)
-    compile_step: bool = _f(False, "torch.compile one time step (controller + memory): faster steps after a "
-                                   "compilation of tens of seconds per batch size")
-    native: bool = _f(True, "run the memory step as compiled C++ (dnc_lab/native.py; CPU, one write head): same "
-                            "numbers, 2-3x faster; falls back to the reference step with a warning where it "
-                            "cannot run (GPU, no C++ compiler)")
+    backend: Literal["auto", "reference", "native", "triton"] = _f(
+        "auto", "memory-step kernels (dnc_lab/backends/): auto takes the fastest that supports the model, "
+                "dtype and device (native C++ on a CPU, Triton on a GPU), else the reference; same numbers")
+    native: Optional[bool] = _f(None, "earlier name: true means backend: native, false backend: reference")
 
 
 @dataclass
@@ -264,6 +269,11 @@ def _build(cls: type, section: str, data: dict, where) -> Any:
     hints = typing.get_type_hints(cls)
     values = {}
     for key, value in data.items():
+        if section == "model" and key in REMOVED_MODEL_KEYS:
+            default, why = REMOVED_MODEL_KEYS[key]
+            if value == default:  # written by an earlier version into a run's config.yaml: harmless
+                continue
+            raise ConfigError(f"{where(key)}: model.{key} = {value!r} no longer exists: {why}; delete the key")
         if key not in fields:
             raise ConfigError(f"{where(key)}: unknown key {section}.{key}{_suggest(str(key), fields)}; "
                               f"allowed: {', '.join(fields)}")

@@ -20,7 +20,7 @@ Differences from pytorch-dnc 1.1.0, all deliberate (see README):
 
 from __future__ import annotations
 
-import warnings
+import dataclasses
 from typing import Any, Optional
 
 import numpy as np
@@ -28,13 +28,37 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from dnc_lab import native, sequence
+from dnc_lab import backends, sequence
 from dnc_lab.controller import make_controller, rnn_step, rnn_weights
-from dnc_lab.memory import STATE_KEYS, MemoryAccess, MemoryState
+from dnc_lab.memory import STATE_KEYS, MemoryAccess, MemoryState, MemoryStep
 
 RNN_TYPES = ("lstm", "gru", "rnn", "ff")
 NONLINEARITIES = ("tanh", "relu")
-_NATIVE_WARNED: set[str] = set()  # why native=True fell back, said once per process
+
+
+@dataclasses.dataclass(frozen=True)
+class CoreConfig:
+    """What one direction of a DNC is built from (the DNC keywords that shape the recurrence)."""
+
+    input_size: int  # I
+    hidden_size: int  # C, the controller's width
+    rnn_type: str  # one of RNN_TYPES
+    num_layers: int  # DNC layers, each a controller with (or sharing) a memory
+    num_hidden_layers: int  # layers inside each controller
+    bias: bool
+    dropout: float  # between a controller's hidden layers
+    nr_cells: int  # N
+    read_heads: int  # R
+    cell_size: int  # W
+    nonlinearity: str  # of 'rnn' and 'ff' controllers
+    independent_linears: bool  # one linear layer per interface field
+    share_memory: bool  # one memory for all layers
+    clip: float  # controller outputs clipped to [-clip, clip]; 0: no clipping
+    num_writes: int  # H, write heads
+
+    @property
+    def read_size(self) -> int:
+        return self.read_heads * self.cell_size
 
 
 class DNCCore(nn.Module):
@@ -42,33 +66,25 @@ class DNCCore(nn.Module):
 
     ``forward`` maps time-major input [T, B, I] to features [T, B, C + R*W] (the top layer's
     controller output and read vectors, from which the output layer reads), the final state,
-    and optionally per-step views for debugging.
+    and optionally per-step views for debugging. The memory step runs on the reference path
+    (``kernels`` None) or on a fast backend's kernels (dnc_lab/backends/), which the DNC chooses.
     """
 
-    def __init__(self, input_size: int, hidden_size: int, rnn_type: str, num_layers: int, num_hidden_layers: int,
-                 bias: bool, dropout: float, nr_cells: int, read_heads: int, cell_size: int, nonlinearity: str,
-                 independent_linears: bool, share_memory: bool, clip: float, num_writes: int, fused_link: int,
-                 compile_step: bool = False, native: bool = False):
+    def __init__(self, config: CoreConfig):
         super().__init__()
-        self.native = native
-        self.rnn_type = rnn_type
-        self.nonlinearity = nonlinearity
-        self.compile_step = compile_step
-        self._compiled: dict = {}  # the compiled time step, made on first use (not a parameter or state)
-        self.share_memory = share_memory
-        self.clip = clip
+        self.config = config
         # torch's RNNs apply dropout between their hidden layers only
-        self.dropout = dropout if num_hidden_layers > 1 else 0.0
-        self.read_size = read_heads * cell_size
+        self.dropout = config.dropout if config.num_hidden_layers > 1 else 0.0
         self.controllers = nn.ModuleList(
-            make_controller(rnn_type, (input_size if layer == 0 else hidden_size) + self.read_size, hidden_size,
-                            num_hidden_layers, bias, nonlinearity, dropout)
-            for layer in range(num_layers)
+            make_controller(config.rnn_type, (config.input_size if layer == 0 else config.hidden_size)
+                            + config.read_size, config.hidden_size, config.num_hidden_layers, config.bias,
+                            config.nonlinearity, config.dropout)
+            for layer in range(config.num_layers)
         )
         self.memories = nn.ModuleList(
-            MemoryAccess(hidden_size, nr_cells, cell_size, read_heads, num_writes, independent_linears, fused_link,
-                         native)
-            for _ in range(1 if share_memory else num_layers)
+            MemoryAccess(config.hidden_size, config.nr_cells, config.cell_size, config.read_heads, config.num_writes,
+                         config.independent_linears)
+            for _ in range(1 if config.share_memory else config.num_layers)
         )
 
     def initial_state(self, hx: Any, batch_size: int, like: torch.Tensor, reset_experience: bool):
@@ -82,33 +98,36 @@ class DNCCore(nn.Module):
         if memory is None or reset_experience:
             memories = fresh
         else:
-            memories = [memory] if self.share_memory else list(memory)
+            memories = [memory] if self.config.share_memory else list(memory)
             for given, empty in zip(memories, fresh):
                 _check_state(given, empty)
         if read_vectors is None:
-            read_vectors = like.new_zeros(batch_size, self.read_size)
+            read_vectors = like.new_zeros(batch_size, self.config.read_size)
+        else:
+            _check_tensor("read_vectors", read_vectors, (batch_size, self.config.read_size), like)
         return controller_hidden, memories, read_vectors
 
     def forward(self, x: torch.Tensor, hx: Any, reset_experience: bool, pass_through_memory: bool,
-                want_views: bool, checkpoint_steps: int = 0):
+                want_views: bool, checkpoint_steps: int = 0, kernels=None):
         """x [T, B, I] -> features [T, B, C + R*W], (controller_hidden, memory, read_vectors), views or None.
 
-        checkpoint_steps > 0 keeps only the state at every that many steps for the backward pass and
-        recomputes the steps in between: memory drops from O(T·B·N²) to O((T/k + k)·B·N²) for about
-        one more forward pass of compute. The numbers do not change.
+        kernels: a fast backend's module (dnc_lab.backends.Kernels), or None for the reference step.
+        checkpoint_steps = k > 0 keeps the recurrent state for the backward pass only every k steps
+        and recomputes the rest; the numbers do not change. On the whole-sequence path only the
+        link matrices (the B·N² part) need recomputing; elsewhere whole chunks of k steps are
+        recomputed: memory drops from O(T·B·N²) to O((T/k + k)·B·N²).
         """
         steps, batch = x.shape[0], x.shape[1]
         controller_hidden, memories, reads = self.initial_state(hx, batch, x, reset_experience)
-        if self._sequence_applies(x, pass_through_memory, want_views):
-            # Its backward recomputes only link matrices, from every checkpoint_steps-th one.
-            features, controller_hidden, memories, reads = self._native_sequence(
-                x, list(controller_hidden), list(memories), reads, checkpoint_steps or 1)
-            memory_out = memories[0] if self.share_memory else memories
+        if kernels is not None and self._whole_sequence_applies(pass_through_memory, want_views):
+            features, controller_hidden, memories, reads = self._whole_sequence(
+                kernels, x, list(controller_hidden), list(memories), reads, checkpoint_steps or 1)
+            memory_out = memories[0] if self.config.share_memory else memories
             return features, (controller_hidden, memory_out, reads), None
         chunk = checkpoint_steps if checkpoint_steps and torch.is_grad_enabled() and not want_views else steps
         features, views = [], []
         for start in range(0, steps, chunk):
-            args = (x[start:start + chunk], controller_hidden, memories, reads, pass_through_memory, want_views)
+            args = (x[start:start + chunk], controller_hidden, memories, reads, pass_through_memory, want_views, kernels)
             if chunk < steps:
                 result = torch.utils.checkpoint.checkpoint(self._steps, *args, use_reentrant=False)
             else:
@@ -116,46 +135,36 @@ class DNCCore(nn.Module):
             chunk_features, controller_hidden, memories, reads, chunk_views = result
             features.append(chunk_features)
             views.extend(chunk_views)
-        memory_out = memories[0] if self.share_memory else memories
+        memory_out = memories[0] if self.config.share_memory else memories
         state = (controller_hidden, memory_out, reads if pass_through_memory else None)
         return torch.cat(features), state, (views if want_views else None)
 
     def _steps(self, x: torch.Tensor, controller_hidden: list, memories: list, reads: torch.Tensor,
-               pass_through_memory: bool, want_views: bool):
+               pass_through_memory: bool, want_views: bool, kernels=None):
         """The recurrence over x [t, B, I], from the given state. Returns features [t, B, C + R*W],
         the state after the last step, and per-step views (empty unless asked for)."""
         controller_hidden, memories = list(controller_hidden), list(memories)
-        time_step = self._time_step
-        if self.compile_step and not want_views:  # views are for one-off summaries: not worth a compilation
-            if "step" not in self._compiled:
-                # Static shapes: one graph per batch size and dtype, reused at every time step and for
-                # any sequence length. Compiling takes tens of seconds on a CPU.
-                self._compiled["step"] = torch.compile(self._time_step, dynamic=False)
-            time_step = self._compiled["step"]
-        # Read once per sequence, and outside the compiled step (Dynamo does not touch RNN modules).
-        weights = None if self.rnn_type == "ff" else [rnn_weights(c) for c in self.controllers]
-        # The views show the parsed interface, which only the reference memory step returns.
-        reference = want_views or not self._native_here(x)
+        weights = None if self.config.rnn_type == "ff" else [rnn_weights(c) for c in self.controllers]
         features, views = [], []
         for x_t in x:
-            feature, controller_hidden, memories, reads, step = time_step(
-                x_t, weights, controller_hidden, memories, reads, pass_through_memory, reference
+            feature, controller_hidden, memories, reads, step = self._time_step(
+                x_t, weights, controller_hidden, memories, reads, pass_through_memory, kernels
             )
             features.append(feature)
             if want_views and pass_through_memory:
                 views.append(_view_of_first_sample(step.state, step.interface))
         return torch.stack(features), controller_hidden, memories, reads, views
 
-    def _sequence_applies(self, x: torch.Tensor, pass_through_memory: bool, want_views: bool) -> bool:
-        """Whether ``_native_sequence`` computes this call: one DNC layer with an LSTM controller, no
-        dropout, not compiled, no views, and the native memory step available."""
-        return (self.rnn_type == "lstm" and len(self.controllers) == 1 and pass_through_memory and not want_views
-                and not self.compile_step and not (self.training and self.dropout) and self._native_here(x))
+    def _whole_sequence_applies(self, pass_through_memory: bool, want_views: bool) -> bool:
+        """Whether ``_whole_sequence`` computes this call: one DNC layer with an LSTM controller, no
+        dropout in training, no views. (Otherwise the backend's kernels run step by step.)"""
+        return (self.config.rnn_type == "lstm" and len(self.controllers) == 1 and pass_through_memory
+                and not want_views and not (self.training and self.dropout))
 
-    def _native_sequence(self, x: torch.Tensor, controller_hidden: list, memories: list, reads: torch.Tensor,
-                         link_every: int):
-        """The recurrence for ``_sequence_applies``, in dnc_lab.sequence (same values): features [T, B, C + R*W],
-        then the state after the last step (controller hidden, memories, reads)."""
+    def _whole_sequence(self, kernels, x: torch.Tensor, controller_hidden: list, memories: list,
+                        reads: torch.Tensor, link_every: int):
+        """The recurrence for ``_whole_sequence_applies``, in dnc_lab.sequence (same values): features
+        [T, B, C + R*W], then the state after the last step (controller hidden, memories, reads)."""
         rnn = self.controllers[0]
         if controller_hidden[0] is None:
             zeros = x.new_zeros(rnn.num_layers, x.shape[1], rnn.hidden_size)
@@ -169,28 +178,12 @@ class DNCCore(nn.Module):
             interface = (access.interface.weight, access.interface.bias)
         weights = sequence.Weights(rnn_weights(rnn), *interface)
         state = [memories[0][key] for key in STATE_KEYS]
-        features, h_t, c_t, reads, state = sequence.run(x, h0, c0, reads, state, weights, self.clip, link_every)
+        features, h_t, c_t, reads, state = sequence.run(kernels, x, h0, c0, reads, state, weights, self.config.clip,
+                                                        link_every)
         return features, [(h_t, c_t)], [MemoryState(zip(STATE_KEYS, state))], reads
 
-    def _native_here(self, x: torch.Tensor) -> bool:
-        """Whether the native memory step can run on x's device and dtype; warns once when it cannot."""
-        if not self.native:
-            return False
-        reason = None
-        if self.memories[0].num_writes != 1:
-            reason = f"it supports one write head, not num_writes={self.memories[0].num_writes}"
-        elif x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
-            reason = f"it runs on CPU float32/float64 tensors, not {x.device.type} {x.dtype}"
-        else:
-            ok, why = native.available()
-            reason = None if ok else why
-        if reason is not None and reason not in _NATIVE_WARNED:
-            _NATIVE_WARNED.add(reason)
-            warnings.warn(f"native=True: using the reference memory step, because {reason}", stacklevel=4)
-        return reason is None
-
     def _time_step(self, x_t: torch.Tensor, weights: Optional[list], controller_hidden: list, memories: list,
-                   reads: torch.Tensor, pass_through_memory: bool, reference: bool = True):
+                   reads: torch.Tensor, pass_through_memory: bool, kernels=None):
         """One time step through every layer: x_t [B, I] -> feature [B, C + R*W], new state, last memory step.
 
         weights: per layer, the recurrent controller's (W_ih, W_hh, b_ih, b_hh) per hidden layer
@@ -200,22 +193,42 @@ class DNCCore(nn.Module):
         layer_input = torch.cat([x_t, reads], dim=-1)
         step = None
         dropout = self.dropout if self.training else 0.0
+        clip = self.config.clip
         for layer in range(len(controller_hidden)):
             if weights is None:
                 hidden, controller_hidden[layer] = self.controllers[layer](layer_input)
             else:
-                hidden, controller_hidden[layer] = rnn_step(self.rnn_type, weights[layer], layer_input,
-                                                            controller_hidden[layer], dropout, self.nonlinearity)
-            if self.clip:
+                hidden, controller_hidden[layer] = rnn_step(self.config.rnn_type, weights[layer], layer_input,
+                                                            controller_hidden[layer], dropout, self.config.nonlinearity)
+            if clip:
                 # pytorch-dnc's `clip`: bound the controller output that feeds the interface.
-                hidden = hidden.clamp(-self.clip, self.clip)
+                hidden = hidden.clamp(-clip, clip)
             if pass_through_memory:
-                slot = 0 if self.share_memory else layer
-                step = self.memories[slot](hidden, memories[slot], reference)
+                slot = 0 if self.config.share_memory else layer
+                step = self._memory_step(slot, hidden, memories[slot], kernels)
                 memories[slot] = step.state
                 reads = step.read_vectors.flatten(1)  # [B, R*W]
             layer_input = torch.cat([hidden, reads], dim=-1)
         return layer_input, controller_hidden, memories, reads, step
+
+    def _memory_step(self, slot: int, hidden: torch.Tensor, state: MemoryState, kernels) -> MemoryStep:
+        """Memory ``slot``'s step on the reference path, or on the backend's kernels (no interface returned)."""
+        access = self.memories[slot]
+        if kernels is None:
+            return access(hidden, state)
+        reads, new_state = kernels.memory_step(access.raw_interface(hidden), [state[key] for key in STATE_KEYS])
+        return MemoryStep(reads, MemoryState(zip(STATE_KEYS, new_state)), None)
+
+
+def _check_tensor(name: str, given: Any, shape: tuple[int, ...], like: torch.Tensor) -> None:
+    """A state tensor passed in must match the input's device and dtype and the model's shape."""
+    if not isinstance(given, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(given).__name__}")
+    if tuple(given.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(given.shape)}, expected {tuple(shape)}")
+    if given.dtype != like.dtype or given.device != like.device:
+        raise ValueError(f"{name} is {given.dtype} on {given.device}, but the input is {like.dtype} on {like.device}: "
+                         f"pass the state with the input's dtype and device")
 
 
 def _check_state(given: Any, expected: MemoryState) -> None:
@@ -223,10 +236,7 @@ def _check_state(given: Any, expected: MemoryState) -> None:
         keys = sorted(given) if isinstance(given, dict) else type(given).__name__
         raise ValueError(f"memory state must be a dict with keys {list(STATE_KEYS)}, got {keys}")
     for key in STATE_KEYS:
-        if tuple(given[key].shape) != tuple(expected[key].shape):
-            raise ValueError(
-                f"memory state '{key}' has shape {tuple(given[key].shape)}, expected {tuple(expected[key].shape)}"
-            )
+        _check_tensor(f"memory state '{key}'", given[key], tuple(expected[key].shape), expected[key])
 
 
 def _view_of_first_sample(state: MemoryState, interface) -> dict[str, torch.Tensor]:
@@ -281,12 +291,12 @@ class DNC(nn.Module):
         output_size: Optional[int] = None,
         device: Optional[torch.device | str] = None,
         checkpoint_steps: int = 0,
-        fused_link: int = 0,
-        compile_step: bool = False,
-        native: bool = False,
+        backend: str = "auto",
+        native: Optional[bool] = None,
     ):
         super().__init__()
         rnn_type = rnn_type.lower() if isinstance(rnn_type, str) else rnn_type
+        backend = _backend_from(backend, native)
         _validate(locals())
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -309,16 +319,41 @@ class DNC(nn.Module):
         self.num_writes = num_writes
         self.output_size = output_size or input_size
         self.checkpoint_steps = checkpoint_steps
-        self.fused_link = fused_link
-        self.compile_step = compile_step
-        self.native = native
+        self.requested_backend = backend
+        self._choices: dict[tuple, backends.Choice] = {}  # (device, dtype) -> backend choice, made once each
 
-        core_args = (input_size, hidden_size, rnn_type, num_layers, num_hidden_layers, bias, dropout, nr_cells,
-                     read_heads, cell_size, nonlinearity, independent_linears, share_memory, clip, num_writes, fused_link)
+        self.core_config = CoreConfig(
+            input_size=input_size, hidden_size=hidden_size, rnn_type=rnn_type, num_layers=num_layers,
+            num_hidden_layers=num_hidden_layers, bias=bias, dropout=dropout, nr_cells=nr_cells, read_heads=read_heads,
+            cell_size=cell_size, nonlinearity=nonlinearity, independent_linears=independent_linears,
+            share_memory=share_memory, clip=clip, num_writes=num_writes)
         directions = 2 if bidirectional else 1
-        self.cores = nn.ModuleList(DNCCore(*core_args, compile_step=compile_step, native=native) for _ in range(directions))
+        self.cores = nn.ModuleList(DNCCore(self.core_config) for _ in range(directions))
         self.output = nn.Linear(directions * (hidden_size + read_heads * cell_size), self.output_size)
+        # As pytorch-dnc does: measured to learn faster (README, "Measured learning").
+        nn.init.orthogonal_(self.output.weight)
         self.to(_resolve_device(gpu_id, device))
+
+    @property
+    def backend(self) -> str:
+        """The name of the backend the memory step runs on for this model's device and dtype
+        ("reference", "native", "triton"; see dnc_lab/backends/)."""
+        return self.backend_choice().name
+
+    def backend_choice(self, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None
+                       ) -> backends.Choice:
+        """The backend for ``dtype`` tensors on ``device`` (default: the parameters'), and why a faster
+        or requested one was passed over. Decided once per device and dtype, in ``backends.choose``."""
+        parameter = next(self.parameters())
+        key = (device or parameter.device, dtype or parameter.dtype, bool(self.debug))
+        if key not in self._choices:
+            self._choices[key] = backends.choose(self.requested_backend, self.core_config, *key)
+        return self._choices[key]
+
+    def _kernels(self):
+        """The kernel module of the backend in use, or None for the reference step."""
+        name = self.backend
+        return None if name == "reference" else backends.load(name)
 
     def forward(self, input: torch.Tensor, hx: Any = None, reset_experience: bool = False,
                 pass_through_memory: bool = True):
@@ -357,20 +392,26 @@ class DNC(nn.Module):
             raise ValueError(
                 f"input has shape {tuple(input.shape)}, expected {layout} with input_size={self.input_size}"
             )
+        parameter = next(self.parameters())
+        if input.dtype != parameter.dtype or input.device != parameter.device:
+            raise ValueError(f"input is {input.dtype} on {input.device}, but the model's parameters are "
+                             f"{parameter.dtype} on {parameter.device}: convert one to the other (e.g. model.to(input))")
         x = input.transpose(0, 1) if self.batch_first else input  # [T, B, I]
+        # Views show the parsed interface, which only the reference step returns.
+        kernels = None if want_views else self._kernels()
         if self.bidirectional:
             parts = [[None, None] if part is None else part for part in (hx or (None, None, None))]
             hx_directions = list(zip(*parts))
             forward = self.cores[0](x, hx_directions[0], reset_experience, pass_through_memory, want_views,
-                                    self.checkpoint_steps)
+                                    self.checkpoint_steps, kernels)
             backward = self.cores[1](x.flip(0), hx_directions[1], reset_experience, pass_through_memory, False,
-                                     self.checkpoint_steps)
+                                     self.checkpoint_steps, kernels)
             features = torch.cat([forward[0], backward[0].flip(0)], dim=-1)
             state = tuple([f, b] for f, b in zip(forward[1], backward[1]))
             views = forward[2]
         else:
             features, state, views = self.cores[0](x, hx, reset_experience, pass_through_memory, want_views,
-                                                   self.checkpoint_steps)
+                                                   self.checkpoint_steps, kernels)
         output = self.output(features)  # [T, B, O]
         if self.batch_first:
             output = output.transpose(0, 1)
@@ -411,11 +452,22 @@ def _validate(args: dict[str, Any]) -> None:
         raise ValueError(f"nonlinearity={args['nonlinearity']!r}: expected one of {list(NONLINEARITIES)}")
     if not 0 <= args["dropout"] < 1:
         raise ValueError(f"dropout={args['dropout']!r}: expected a probability in [0, 1)")
-    for name in ("checkpoint_steps", "fused_link"):
-        value = args[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name}={value!r}: expected an integer >= 0 (0: off)")
-    if args["native"] and args["fused_link"]:
-        raise ValueError(f"native=True replaces fused_link={args['fused_link']}: set native=False to use fused_link")
+    value = args["checkpoint_steps"]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"checkpoint_steps={value!r}: expected an integer >= 0 (0: off)")
     if args["clip"] < 0:
         raise ValueError(f"clip={args['clip']!r}: expected >= 0 (0 disables clipping)")
+
+
+def _backend_from(backend: Any, native: Optional[bool]) -> str:
+    """``native=True`` / ``False`` (the keyword of earlier versions) as ``backend="native"`` / ``"reference"``."""
+    if backend not in backends.NAMES:
+        raise ValueError(f"backend={backend!r}: expected one of {list(backends.NAMES)}")
+    if native is None:
+        return backend
+    if not isinstance(native, bool):
+        raise ValueError(f"native={native!r}: expected True, False or None (prefer backend=...)")
+    alias = "native" if native else "reference"
+    if backend not in ("auto", alias):
+        raise ValueError(f"native={native} means backend={alias!r}, but backend={backend!r} was passed: give one of them")
+    return alias

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dnc_lab import addressing, fused, native
+from dnc_lab import addressing
 
 
 class MemoryState(TypedDict):
@@ -56,7 +56,7 @@ class MemoryStep(NamedTuple):
 
     read_vectors: torch.Tensor  # [B, R, W]
     state: MemoryState
-    interface: Optional[Interface]  # None from the native step, which does not return it
+    interface: Optional[Interface]  # None from a fast backend's step, which does not return it
 
 
 def interface_sizes(cell_size: int, read_heads: int, num_writes: int) -> dict[str, int]:
@@ -125,13 +125,10 @@ def initial_state(
     )
 
 
-def memory_step(prev: MemoryState, interface: Interface, fused_link: int = 0) -> tuple[torch.Tensor, MemoryState]:
+def memory_step(prev: MemoryState, interface: Interface) -> tuple[torch.Tensor, MemoryState]:
     """One time step of the DNC memory: write, then read. Pure; returns (read vectors [B, R, W], new state).
 
-    fused_link = k > 0 computes the link matrix and the directional weightings with
-    ``fused.link_and_directional_weightings`` (same values; keeps a link matrix for the backward
-    pass only every k steps instead of two per step); 0 uses the reference functions.
-
+    This is the specification every backend (dnc_lab/backends/) is tested against.
     The order is the paper's: usage from the previous step's weightings and this step's free
     gates; allocation and content lookup on the previous memory; erase and write; link matrix and
     precedence; then the read heads address the new memory and the new links, moving from where
@@ -151,13 +148,8 @@ def memory_step(prev: MemoryState, interface: Interface, fused_link: int = 0) ->
     memory = addressing.erase_and_write(
         prev["memory"], write_weights, interface.erase_vectors, interface.write_vectors
     )
-    if fused_link:
-        link, forward, backward = fused.link_and_directional_weightings(
-            prev["link_matrix"], prev["precedence"], write_weights, prev["read_weights"], fused_link
-        )
-    else:
-        link = addressing.link_matrix(prev["link_matrix"], prev["precedence"], write_weights)
-        forward, backward = addressing.directional_weightings(link, prev["read_weights"])
+    link = addressing.link_matrix(prev["link_matrix"], prev["precedence"], write_weights)
+    forward, backward = addressing.directional_weightings(link, prev["read_weights"])
     precedence = addressing.precedence(prev["precedence"], write_weights)
 
     read_content = addressing.content_weighting(memory, interface.read_keys, interface.read_strengths)
@@ -191,12 +183,8 @@ class MemoryAccess(nn.Module):
         read_heads: int,
         num_writes: int = 1,
         independent_linears: bool = False,
-        fused_link: int = 0,
-        native: bool = False,
     ):
         super().__init__()
-        self.fused_link = fused_link
-        self.native = native
         self.nr_cells = nr_cells
         self.cell_size = cell_size
         self.read_heads = read_heads
@@ -225,17 +213,12 @@ class MemoryAccess(nn.Module):
             return torch.cat([layer(controller_output) for layer in self.fields.values()], dim=-1)
         return self.interface(controller_output)
 
-    def forward(self, controller_output: torch.Tensor, state: MemoryState, reference: bool = False) -> MemoryStep:
+    def forward(self, controller_output: torch.Tensor, state: MemoryState) -> MemoryStep:
         """controller_output [B, input_size], state -> MemoryStep(read_vectors [B, R, W], new state, interface).
 
-        With ``native`` the step runs in dnc_lab.native (same values) and ``interface`` is None,
-        unless ``reference`` asks for the reference path (the debug views show the gates; the
-        native step runs on the CPU only).
+        The reference step. A DNC with a fast backend calls the backend's ``memory_step`` on
+        ``raw_interface(controller_output)`` instead (dnc_lab/dnc.py).
         """
-        if self.native and not reference:
-            read_vectors, new_state = native.memory_step(self.raw_interface(controller_output),
-                                                         [state[key] for key in STATE_KEYS])
-            return MemoryStep(read_vectors, MemoryState(zip(STATE_KEYS, new_state)), None)
         interface = self.interface_from(controller_output)
-        read_vectors, new_state = memory_step(state, interface, self.fused_link)
+        read_vectors, new_state = memory_step(state, interface)
         return MemoryStep(read_vectors, new_state, interface)

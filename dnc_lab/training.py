@@ -424,9 +424,11 @@ def _train(run_dir: Path, cfg: Config, device: torch.device, resume: bool, progr
                          model_dims={"nr_cells": cfg.model.nr_cells, "cell_size": cfg.model.cell_size,
                                      "read_heads": cfg.model.read_heads, "num_writes": cfg.model.num_writes})
 
+    backend = model.backend_choice()  # which memory-step kernels run, and why a faster one did not
+    echo(f"memory backend: {backend.describe()}")
     runs.write_status(run_dir, status="running", task=cfg.task.name, step=step, steps=tc.steps,
                       pid=os.getpid(), host=socket.gethostname(), device=str(device),
-                      message="")
+                      backend=backend.name, backend_reason=backend.reason, message="")
     show_bar = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=tc.steps, initial=step, desc=run_dir.name, unit="step", dynamic_ncols=True,
                disable=not show_bar, file=sys.stderr)

@@ -7,7 +7,7 @@
 // fixed cost (~10 us each) dwarfs their arithmetic; here it is one call forward and one backward,
 // and the B*N^2 link-matrix work is done in a single pass over the matrix each way.
 //
-// Built on first use by dnc_lab/native.py (g++ -O3 -march=native -fopenmp) and called through
+// Built on first use by dnc_lab/backends/native.py (g++ -O3 -march=native -fopenmp) and called through
 // ctypes with raw pointers to contiguous tensors; no PyTorch headers, so it builds in seconds.
 //
 // Shapes, per batch element (B of them, contiguous, batch-major), symbols as in the paper:
