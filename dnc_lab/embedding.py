@@ -17,7 +17,7 @@ from dnc_lab.dnc import DNC
 class Embedded(nn.Module):
     """A DNC fed a learned embedding of one-hot inputs: ``embed`` is a bias-free linear layer
     [vocabulary -> embedding_size], i.e. a lookup table (a blank, all-zero step stays zero).
-    ``forward`` and ``trace`` are the DNC's."""
+    ``forward``, ``trace`` and the backend report are the DNC's."""
 
     def __init__(self, vocabulary: int, dnc: DNC):
         super().__init__()
@@ -29,3 +29,7 @@ class Embedded(nn.Module):
 
     def trace(self, input: torch.Tensor, *args, **kwargs):
         return self.dnc.trace(self.embed(input), *args, **kwargs)
+
+    def backend_choice(self, *args, **kwargs):
+        """The DNC's memory-step backend and why (see ``DNC.backend_choice``)."""
+        return self.dnc.backend_choice(*args, **kwargs)
