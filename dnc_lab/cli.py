@@ -191,7 +191,8 @@ def runs_command() -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=200,
               help="Sequences per length (bAbI: stories per batch).")
 @click.option("--seed", type=click.IntRange(min=0), default=1234, help="Seed of the test sequences.")
-@click.option("--checkpoint", default=None, metavar="STEP", help="Checkpoint step (default: the newest; one --run only).")
+@click.option("--checkpoint", default=None, metavar="STEP",
+              help="Checkpoint step (default: the newest; one --run only).")
 @click.option("--cuda", type=click.IntRange(min=-1), default=-1, help="CUDA device index; -1 for the CPU.")
 @click.option("--split", type=click.Choice(["test", "validation"]), default="test",
               help="bAbI only: the split to evaluate (validation: the held-out training stories).")
@@ -280,7 +281,8 @@ def _eval_on_split(run_dir: Path, task, checkpoint, device, split: str, batch_si
                f"(a question is right only if every answer word is)")
     click.echo(f"{'TASK':>4}  {'QUESTIONS':>9}  {'ERROR':>7}")
     for t in report.per_task:
-        click.echo(f"{t.task:>4}  {t.questions:>9}  {100 * t.error:>6.1f}%{'  failed' if t.task in report.failed else ''}")
+        mark = "  failed" if t.task in report.failed else ""
+        click.echo(f"{t.task:>4}  {t.questions:>9}  {100 * t.error:>6.1f}%{mark}")
     failed = ", ".join(map(str, report.failed)) or "none"
     click.echo(f"mean error {100 * report.mean_error:.1f}%; failed tasks (error > 5%): "
                f"{len(report.failed)} of {len(report.per_task)} ({failed})")

@@ -1,5 +1,5 @@
 """bAbI question answering (Weston et al. 2015), as the DNC paper trained it (Graves et al. 2016,
-Methods, "bAbI task descriptions"): all 20 tasks jointly, word by word.
+Methods): all 20 tasks jointly, word by word.
 
 The data is the official release ``tasks_1-20_v1-2`` (the folder, or ``tasks_1-20_v1-2.tar.gz``
 unpacked in memory), subset ``en-10k`` by default: files ``<subset>/qa<N>_<name>_{train,test}.txt``
@@ -12,10 +12,10 @@ come ``think_steps`` blank steps (no word at all: a zero input) and one '-' step
 at which the model must output that answer word. Only the '-' steps are masked in. Example with
 think_steps=1 ("1 mary went to the kitchen." / "2 where is mary?<TAB>kitchen<TAB>1"):
 
-    t:       0     1     2    3        4    5      6    7     8  9   10
-    input:   mary  went  to   the  kitchen  .  where  is  mary  ?  (blank)  -
-    target:                                                                kitchen
-    mask:    0 ... 0 (steps 0-10)                                          1
+    t:       0    1    2  3   4       5  6     7  8    9  10      11
+    input:   mary went to the kitchen .  where is mary ?  (blank) -
+    target:                                                       kitchen
+    mask:    0    0    0  0   0       0  0     0  0    0  0       1
 
 Inputs are one-hot over the vocabulary (``input_size`` = its size; the DNC paper's had 159
 symbols), and so are targets: the output is a word, scored with a softmax over the vocabulary
@@ -36,7 +36,6 @@ what they are), so curriculum and ``dnclab eval --lengths`` do not apply.
 
 from __future__ import annotations
 
-import io
 import math
 import re
 import tarfile
@@ -51,7 +50,7 @@ from dnc_lab.tasks.base import Batch, TaskConfig, setting
 
 RELEASE = "tasks_1-20_v1-2"
 WHERE_TO_GET = ("get the official release tasks_1-20_v1-2.tar.gz from the bAbI project page "
-                "(research.facebook.com/downloads/babi, also mirrored as 'babi' in many dataset hubs)")
+                "(research.facebook.com/downloads/babi)")
 ANSWER, QUESTION_END, SENTENCE_END = "-", "?", "."
 FAIL_THRESHOLD = 0.05  # the bAbI convention: a task is failed above 5% error
 
