@@ -37,10 +37,11 @@ class TaskConfig:
 class Batch(NamedTuple):
     """One batch of sequences, padded at the end to a common length T.
 
-    inputs  [batch, T, input_size]   float 0/1 (repeat-copy's count channel is a fraction)
-    targets [batch, T, output_size]  float 0/1, zero where mask is 0
+    inputs  [batch, T, input_size]   float 0/1 (repeat-copy's count and priority sort's priority
+                                     channels carry other values)
+    targets [batch, T, output_size]  float 0/1, zero where mask is 0 (one-hot for a categorical task)
     mask    [batch, T]               1.0 at the steps where an answer is expected, else 0.0
-    lengths [batch]                  the pattern length of each sequence
+    lengths [batch]                  each sequence's length in the task's unit (its ``length_meaning``)
     """
 
     inputs: torch.Tensor
