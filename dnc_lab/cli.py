@@ -131,6 +131,8 @@ def resume(run: str, cuda: Optional[int], steps: Optional[int], overrides: tuple
                             f"--set train.target_ber=null")
     cuda = status.get("cuda", -1) if cuda is None else cuda
     device = pick_device(cuda)
+    # Before anything is written: the checkpoint must fit the (possibly edited) config.
+    runs.check_resumable(run_dir, runs.load_checkpoint(run_dir), cfg.to_dict())
     if overrides:
         save_config(cfg, config_path)
     runs.write_status(run_dir, cuda=cuda, steps=cfg.train.steps)
@@ -142,6 +144,8 @@ def _run_training(run_dir: Path, cfg, device, resume: bool, progress: Optional[b
         result = training.train(run_dir, cfg, device, resume=resume, progress=progress, echo=click.echo)
     except TrainingError as e:
         raise click.ClickException(str(e)) from None
+    except runs.RunError:  # e.g. a checkpoint that does not fit the config: refused, nothing changed
+        raise
     except Exception as e:
         runs.write_status(run_dir, status="failed", message=f"{type(e).__name__}: {e}")
         raise

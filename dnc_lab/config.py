@@ -112,6 +112,12 @@ class TrainConfig:
     eval_batch_size: int = _f(200, "sequences per length for the final evaluation", min=1)
     threads: Optional[int] = _f(None, "CPU threads for torch (torch.set_num_threads); default: torch's. "
                                       "1 is often fastest for small models on a shared machine", min=1)
+    cuda_graph: bool = _f(False, "CUDA only (no effect on the CPU): capture the whole training step once as a "
+                                 "CUDA graph and replay it; every batch is padded to the task's longest "
+                                 "sequence, so short curriculum lengths cost as much as the longest")
+    tf32: bool = _f(False, "CUDA only: float32 matrix products in TF32 (10-bit mantissa, faster on recent "
+                           "GPUs): the controller's and output layer's, and the memory step's where it uses "
+                           "torch's products (reference backend); false keeps full float32")
 
 
 @dataclass
@@ -209,6 +215,7 @@ def config_from_dict(raw: Any, source: str = "<config>", overrides: typing.Seque
             sections[name] = _build(_SECTION_CLASSES[name], name, data, where)
     cfg = Config(**sections)
     _resolve_model_sizes(cfg, lambda key: origin.get(("model", key), source))
+    _check_backend(cfg.model, lambda key: origin.get(("model", key), source))
     return cfg
 
 
@@ -338,6 +345,16 @@ def _resolve_model_sizes(cfg: Config, where) -> None:
             raise ConfigError(f"{where(key)}: model.{key} = {given} conflicts with task {cfg.task.name!r}, "
                               f"which needs {needed}; remove the key (it follows from the task)")
         setattr(cfg.model, key, needed)
+
+
+def _check_backend(model: ModelConfig, where) -> None:
+    """model.native (the earlier key) must agree with model.backend when both are given."""
+    if model.native is None:
+        return
+    alias = "native" if model.native else "reference"
+    if model.backend not in ("auto", alias):
+        raise ConfigError(f"{where('native')}: model.native = {str(model.native).lower()} means backend: {alias}, "
+                          f"but model.backend = {model.backend}; keep only model.backend")
 
 
 def _suggest(name: str, options: typing.Iterable[str]) -> str:

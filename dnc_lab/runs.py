@@ -10,7 +10,9 @@ A run lives in ``experiments/<id>/`` (the root is ``$DNCLAB_EXPERIMENTS``, defau
 
 Every file that is rewritten (status, checkpoints) is written to a temporary file and renamed, so a
 run killed at any moment leaves the previous version intact. Checkpoints hold only tensors and
-plain Python values, and load with ``torch.load(weights_only=True)``.
+plain Python values, and load with ``torch.load(weights_only=True)``. Each holds its format
+``version`` and the resolved config it was trained with; ``check_resumable`` compares that config
+with the run's config.yaml before a run resumes (see ``may_change_on_resume``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ class RunError(click.ClickException):
 
 class RunNotFound(RunError):
     """No run with that id (or no run folder at that path)."""
+
+
+class ResumeError(RunError):
+    """A checkpoint that this run cannot continue from: another format version, or a config that
+    changed where it must not (the message lists every difference)."""
 
 
 def experiments_root() -> Path:
@@ -197,6 +204,60 @@ def save_checkpoint(run_dir: Path, step: int, payload: dict, keep: int) -> Path:
     for _, old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
+
+
+# Version 2: the checkpoint holds "config" (the resolved config it was trained with), and
+# rmsprop's state is dnc_lab.optim.RMSprop's ("ms", "mom") for both styles.
+CHECKPOINT_VERSION = 2
+
+# What may differ between the config a checkpoint was trained with and the one it resumes with.
+# Allowed: what says how long to train, how to watch it and how to execute the same computation:
+# every viz.* key, every train.* key except the two that fix the optimiser state's layout, and the
+# model keys that choose a backend without changing the parameters. Refused: every other model.*
+# and task.* key (they define the parameters' shapes and meaning, and the data). An allowed change
+# is reported when the run resumes, so none passes silently.
+RESUME_MODEL_KEYS_ALLOWED = frozenset({"backend", "native", "checkpoint_steps"})
+RESUME_TRAIN_KEYS_FIXED = frozenset({"optimizer", "tf_style"})
+
+
+def may_change_on_resume(section: str, key: str) -> bool:
+    """Whether ``section.key`` may differ from the checkpoint's config when a run resumes."""
+    if section == "viz":
+        return True
+    if section == "train":
+        return key not in RESUME_TRAIN_KEYS_FIXED
+    return section == "model" and key in RESUME_MODEL_KEYS_ALLOWED
+
+
+def config_changes(trained: dict, current: dict) -> tuple[list[str], list[str]]:
+    """(refused, allowed): one ``section.key: old -> new`` line per key whose value differs between
+    the config a checkpoint was trained with and the current one. Keys only one side has (the
+    schema grew or shrank between versions) are not compared."""
+    refused, allowed = [], []
+    for section in sorted(set(trained) & set(current)):
+        old, new = trained[section] or {}, current[section] or {}
+        for key in sorted(set(old) & set(new)):
+            if old[key] != new[key]:
+                line = f"{section}.{key}: {old[key]!r} -> {new[key]!r}"
+                (allowed if may_change_on_resume(section, key) else refused).append(line)
+    return refused, allowed
+
+
+def check_resumable(run_dir: Path, state: dict, current: dict) -> list[str]:
+    """Raise ResumeError unless checkpoint ``state`` can continue with the resolved config
+    ``current`` (a nested dict); return the allowed changes (to report them)."""
+    version = state.get("version")
+    at = f"run {run_dir.name!r}, checkpoint of step {state.get('step', '?')}"
+    if version != CHECKPOINT_VERSION:
+        raise ResumeError(f"{at}: checkpoint format version {version}, but this dnc_lab reads version "
+                          f"{CHECKPOINT_VERSION} only; train the run again (its config.yaml is still there), or "
+                          f"resume it with the dnc_lab release that wrote it")
+    refused, allowed = config_changes(state["config"], current)
+    if refused:
+        raise ResumeError(f"{at}: {run_dir / 'config.yaml'} no longer matches the config the checkpoint was trained "
+                          f"with, in keys that cannot change on resume (the model, the task, the optimiser): "
+                          + "; ".join(refused) + ". Restore those values, or start a new run with `dnclab train`")
+    return allowed
 
 
 def load_checkpoint(run_dir: Path, path: Optional[Path] = None, map_location: Any = "cpu") -> dict:

@@ -212,7 +212,8 @@ def _forward(kernels, x, h0, c0, reads, memory, lstm, w_xi, b_xi, clip, link_eve
             buffer[0] = initial
         links = new(math.ceil(steps / link_every), *memory[1].shape)
         links[0] = memory[1]
-        extra: list[torch.Tensor] = []
+        b, n, w = memory[0].shape
+        extra = [new(steps, *shape, dtype=dtype) for shape, dtype in kernels.extra_shapes(b, n, w, heads, x.dtype)]
     scratch = [torch.empty_like(memory[1]) for _ in range(2)] if not keep or link_every > 1 else None
 
     h = list(h0.unbind(0))
@@ -242,18 +243,13 @@ def _forward(kernels, x, h0, c0, reads, memory, lstm, w_xi, b_xi, clip, link_eve
             link_out = links[(t + 1) // link_every]
         else:
             link_out = scratch[t % 2]
-        outputs, saved = kernels.memory_forward(xi, state, link_out)
+        # The kernels write the new state straight into the time-major buffers backward reads.
+        out = [None, boundary[0][t + 1], link_out, *(buffer[t + 1] for buffer in boundary[1:]),
+               *(e[t] for e in extra)] if keep else [None, None, link_out]
+        outputs, _ = kernels.memory_forward(xi, state, out)
         reads = outputs[0].view(batch, heads * outputs[0].shape[-1])
         features[t, :, hidden_size:] = reads
         state = outputs[1:]
-        if keep:
-            if t == 0:
-                extra = [new(steps, *e.shape, dtype=e.dtype) for e in saved.extra]
-            for buffer, e in zip(extra, saved.extra):
-                buffer[t] = e
-            for buffer, value in zip(boundary, (state[0], *state[2:])):
-                buffer[t + 1] = value
-            state = [boundary[0][t + 1], state[1], *(buffer[t + 1] for buffer in boundary[1:])]
 
     h_t = torch.stack(h)
     c_t = torch.stack([cell_states[l][steps] for l in range(n_layers)])

@@ -1,17 +1,24 @@
-"""The training loop: optimisers, masked loss and bit error rate, NaN guard, summaries, checkpoints.
+"""The training loop: set-up or resume, steps, summaries, checkpoints, the reasons to stop.
 
-One step, top to bottom (``train``): sample a batch on the device, run the DNC from an empty
-memory, masked loss (BCE with logits; softmax cross-entropy for a task whose answers are classes,
-see ``scoring``), backward, clip the gradient norm, a guarded optimiser step (skipped, on the
-device, when the loss or gradient is not finite). Running sums stay on the device; the host reads
-them only every ``summarize_freq`` steps, to write metrics.jsonl, the progress bar, status.json and
-the Visdom dashboard. Checkpoints every ``check_freq`` steps and when the run
-stops for any reason (end, SIGINT/SIGTERM, ``max_seconds``, ``target_ber``).
+``train`` reads top to bottom in four phases, each a function below:
+
+    _set_up      model, optimiser, task and data stream; on resume, the checkpoint's state (after
+                 checking that it fits the run's config: ``runs.check_resumable``)
+    step         ``dnc_lab.step.train_step``: forward, loss, backward, clip, guarded optimiser
+                 step, running sums, all on the device with no host synchronisation (or its CUDA
+                 graph, ``train.cuda_graph``)
+    _summarize   every ``summarize_freq`` steps, the one place the host reads device values:
+                 metrics.jsonl, status.json, progress, Visdom, the curriculum
+    _stop_reason target BER, SIGINT/SIGTERM, ``max_seconds``; too many non-finite steps raise
+
+Checkpoints every ``check_freq`` steps and when the run stops for any reason; ``_finish`` then
+evaluates a finished run on every trained length (bAbI: on its validation split). The loss and
+error count come from the task (``objective_for``): bitwise BCE, or a softmax cross-entropy for a
+task whose answers are classes.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import signal
@@ -30,14 +37,16 @@ from torch import nn
 from tqdm import tqdm
 
 from dnc_lab import runs
-from dnc_lab.config import Config, TrainConfig
+from dnc_lab.config import Config
 from dnc_lab.dnc import DNC
 from dnc_lab.embedding import Embedded
-from dnc_lab.tasks import Curriculum, make_task
+from dnc_lab.optim import RMSprop, TFRMSprop, build_optimizer, guarded_step  # noqa: F401 (the public names)
+from dnc_lab.runs import CHECKPOINT_VERSION  # noqa: F401
+from dnc_lab.step import (ACC_KEYS, GraphedStep, Objective, longest_batch, new_accumulator, read_accumulator,
+                          reset_accumulator, train_step)
+from dnc_lab.tasks import Batch, Curriculum, make_task
 from dnc_lab.viz import eventlog
 from dnc_lab.viz.dashboard import Dashboard, env_name
-
-CHECKPOINT_VERSION = 1
 
 
 class TrainingError(Exception):
@@ -95,143 +104,22 @@ def class_errors(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
     return wrong.sum(), mask.sum()
 
 
+# Bit-vector tasks (copy, repeat copy, ...): each output channel an independent bit.
+BITS = Objective(loss=masked_bce, errors=bit_errors)
+# Tasks whose answer is one class per step (``output_kind = "categorical"``: bAbI's words). The
+# metrics keep the name ``ber``: here it is the fraction of wrong answers.
+CLASSES = Objective(loss=masked_cross_entropy, errors=class_errors)
+
+
 def is_categorical(task) -> bool:
     """Whether the task's answer is one class per step (its ``output_kind``; default "bits")."""
     return getattr(task, "output_kind", "bits") == "categorical"
 
 
-def scoring(task) -> tuple[Callable, Callable]:
-    """(loss, errors) for ``task``: masked BCE and bit errors, or for a categorical task masked
-    cross-entropy and wrong classes. The metrics keep the name ``ber``: for a categorical task it
-    is the fraction of wrong answer words."""
-    if is_categorical(task):
-        return masked_cross_entropy, class_errors
-    return masked_bce, bit_errors
-
-
-# ---------------------------------------------------------------------------------------------
-# Optimisers
-
-
-class TFRMSprop(torch.optim.Optimizer):
-    """RMSProp as TensorFlow 1's RMSPropOptimizer (used by deepmind/dnc).
-
-    Differs from torch.optim.RMSprop in two ways that matter early in training: the mean square
-    starts at 1 (not 0), and epsilon sits inside the square root:
-        ms  <- alpha * ms + (1 - alpha) * g^2
-        mom <- momentum * mom + lr * g / sqrt(ms + eps)
-        p   <- p - mom
-    State is created at construction so that it can be guarded and checkpointed like any tensor.
-    """
-
-    def __init__(self, params, lr: float = 1e-4, alpha: float = 0.9, eps: float = 1e-10, momentum: float = 0.0,
-                 weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, momentum=momentum, weight_decay=weight_decay))
-        for group in self.param_groups:
-            for p in group["params"]:
-                self.state[p]["ms"] = torch.ones_like(p, memory_format=torch.preserve_format)
-                self.state[p]["mom"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if group["weight_decay"]:
-                    g = g.add(p, alpha=group["weight_decay"])
-                state = self.state[p]
-                state["ms"].mul_(group["alpha"]).addcmul_(g, g, value=1 - group["alpha"])
-                update = g / (state["ms"] + group["eps"]).sqrt()
-                state["mom"].mul_(group["momentum"]).add_(update, alpha=group["lr"])
-                p.sub_(state["mom"])
-
-
-def build_optimizer(params: Sequence[nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """The optimiser named by ``cfg.optimizer``. On CUDA its step counters live on the device
-    (``capturable``) so that the NaN guard never has to read them on the host."""
-    on_cuda = device.type == "cuda"
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, eps=cfg.eps or 1e-8, weight_decay=cfg.weight_decay,
-                                capturable=on_cuda)
-    if cfg.optimizer == "rmsprop":
-        if cfg.tf_style:
-            return TFRMSprop(params, lr=cfg.lr, alpha=cfg.rmsprop_alpha or 0.9, eps=cfg.eps or 1e-10,
-                             momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        return torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.rmsprop_alpha or 0.99, eps=cfg.eps or 1e-8,
-                                   momentum=cfg.momentum, weight_decay=cfg.weight_decay, capturable=on_cuda)
-    warnings.warn("train.optimizer = 'sgd': DNCs tend to diverge with plain SGD; adam or rmsprop is safer",
-                  stacklevel=2)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
-def guarded_step(optimizer: torch.optim.Optimizer, ok: torch.Tensor, on_device: Optional[bool] = None) -> None:
-    """``optimizer.step()`` where ``ok`` (a 0-dim bool tensor) is True; where it is False, nothing changes.
-
-    On a GPU (``on_device``, the default for a tensor that is not on the CPU) the step is taken and
-    undone on the device: parameters and optimiser state are copied before it and restored with
-    torch.where, so the host never waits for the device to decide. On the CPU reading ``ok`` costs
-    nothing, so the step is simply skipped (the copies were ~10% of a small model's step).
-    """
-    if on_device is None:
-        on_device = ok.device.type != "cpu"
-    if not on_device:
-        if bool(ok):
-            optimizer.step()
-        return
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    old_params = [p.detach().clone() for p in params]
-    old_state = {p: {k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v)} for p in params}
-    optimizer.step()
-    with torch.no_grad():
-        for p, old in zip(params, old_params):
-            p.copy_(torch.where(ok, p, old))
-        for p in params:
-            for key, value in optimizer.state[p].items():
-                if torch.is_tensor(value):
-                    # state created by this very step: "no state yet" is all zeros for torch's optimisers
-                    old = old_state[p].get(key, torch.zeros_like(value))
-                    value.copy_(torch.where(ok, value, old))
-
-
-# ---------------------------------------------------------------------------------------------
-# Running sums, kept on the device between summaries
-
-
-ACC_KEYS = ("loss", "wrong", "bits", "grad_norm", "ok", "skipped", "run", "max_run")
-
-
-def new_accumulator(device: torch.device) -> dict[str, torch.Tensor]:
-    """Sums since the last summary. ``run``: non-finite steps in a row now; ``max_run``: longest."""
-    return {k: torch.zeros((), dtype=torch.float64, device=device) for k in ACC_KEYS}
-
-
-def accumulate(acc: dict[str, torch.Tensor], ok: torch.Tensor, loss: torch.Tensor, wrong: torch.Tensor,
-               bits: torch.Tensor, grad_norm: torch.Tensor) -> None:
-    """Add one step's values (only of finite steps) without leaving the device."""
-    zero = torch.zeros((), dtype=torch.float64, device=loss.device)
-    okf = ok.double()
-    acc["loss"] += torch.where(ok, loss.detach().double(), zero)
-    acc["wrong"] += torch.where(ok, wrong.double(), zero)
-    acc["bits"] += torch.where(ok, bits.double(), zero)
-    acc["grad_norm"] += torch.where(ok, grad_norm.detach().double(), zero)
-    acc["ok"] += okf
-    acc["skipped"] += 1 - okf
-    acc["run"].copy_((acc["run"] + 1) * (1 - okf))
-    acc["max_run"].copy_(torch.maximum(acc["max_run"], acc["run"]))
-
-
-def read_accumulator(acc: dict[str, torch.Tensor]) -> dict[str, float]:
-    """One host-device synchronisation: all sums at once."""
-    return dict(zip(ACC_KEYS, torch.stack([acc[k] for k in ACC_KEYS]).tolist()))
-
-
-def reset_accumulator(acc: dict[str, torch.Tensor]) -> None:
-    for k in ACC_KEYS:
-        if k != "run":  # a streak of non-finite steps spans summaries
-            acc[k].zero_()
-    acc["max_run"].copy_(acc["run"])
+def objective_for(task) -> Objective:
+    """The loss and error count ``task`` is trained and scored on: its own ``objective`` if it
+    declares one, CLASSES for a categorical task, else the bitwise BCE and bit error rate."""
+    return getattr(task, "objective", CLASSES if is_categorical(task) else BITS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,16 +134,16 @@ def evaluate(model: nn.Module, task, lengths: Sequence[int], batch_size: int, se
     Each length gets its own generator seeded from (seed, length), so a length's number does not
     depend on which other lengths are asked for.
     """
+    objective = objective_for(task)
     was_training = model.training
     model.eval()
-    loss_of, errors_of = scoring(task)
     rows = []
     for length in lengths:
         generator = torch.Generator(device=device).manual_seed(seed * 100_003 + length)
         batch = task.sample(batch_size, generator, length=length)
         logits, _ = model(batch.inputs)
-        wrong, bits = errors_of(logits, batch.targets, batch.mask)
-        loss = loss_of(logits, batch.targets, batch.mask)
+        wrong, bits = objective.errors(logits, batch.targets, batch.mask)
+        loss = objective.loss(logits, batch.targets, batch.mask)
         rows.append({"length": length, "ber": (wrong / bits).item(), "loss": loss.item(), "sequences": batch_size})
     model.train(was_training)
     return rows
@@ -351,6 +239,8 @@ def build_model(cfg: Config, device: torch.device) -> nn.Module:
     return Embedded(vocabulary, DNC(**kwargs, input_size=embedding, device=device)).to(device)
 
 
+
+
 def train(run_dir: Path, cfg: Config, device: torch.device, resume: bool = False,
           progress: Optional[bool] = None, echo=print,
           on_summary: Optional[Callable[[dict], None]] = None) -> TrainResult:
@@ -359,177 +249,296 @@ def train(run_dir: Path, cfg: Config, device: torch.device, resume: bool = False
     progress: show a tqdm bar (default: when stderr is a terminal); otherwise a line per summary.
     on_summary: called with each metrics row right after it is appended to metrics.jsonl (a sweep
     reports it to its scheduler).
-    Returns how the run ended; raises TrainingError when it had to stop (status 'failed').
+    Returns how the run ended; raises TrainingError when it had to stop (status 'failed') and
+    runs.ResumeError when the checkpoint does not fit the run's config (nothing is changed then).
     """
     threads = torch.get_num_threads()
+    matmul, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     try:
         if cfg.train.threads is not None:
             torch.set_num_threads(cfg.train.threads)
+        if device.type == "cuda":
+            # float32 products in full precision unless train.tf32; cuDNN's own TF32 default
+            # (on for its RNNs and convolutions) follows the same switch.
+            torch.set_float32_matmul_precision("high" if cfg.train.tf32 else "highest")
+            torch.backends.cudnn.allow_tf32 = cfg.train.tf32
         return _train(run_dir, cfg, device, resume, progress, echo, on_summary)
-    finally:
-        torch.set_num_threads(threads)  # leave the caller's process as it was
+    finally:  # leave the caller's process as it was
+        torch.set_num_threads(threads)
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.allow_tf32 = cudnn
 
 
 def _train(run_dir: Path, cfg: Config, device: torch.device, resume: bool, progress: Optional[bool],
-           echo, on_summary: Optional[Callable[[dict], None]] = None) -> TrainResult:
+           echo, on_summary: Optional[Callable[[dict], None]]) -> TrainResult:
+    tc = cfg.train
+    run = _set_up(run_dir, cfg, device, resume, echo)
+    out = _open_output(run, progress, echo, on_summary)
+    result: Optional[TrainResult] = None
+    run.started = time.monotonic() - run.elapsed
+    run.interval = (time.monotonic(), run.step)
+    try:
+        with _StopSignals() as stop:
+            while result is None and run.step < tc.steps:
+                run.step += 1
+                batch = run.sample()
+                run.train_step(batch)
+                out.bar.update(1)
+                run.elapsed = time.monotonic() - run.started
+                if run.step % tc.summarize_freq == 0 or run.step == tc.steps:
+                    sums = _summarize(run, out, batch)
+                    _stop_if_nonfinite(run, sums)
+                    result = _grow_curriculum_or_reach_target(run, out.say)
+                if run.step % tc.check_freq == 0:
+                    _checkpoint(run)
+                result = result or _stop_reason(run, stop)
+    except BaseException as e:
+        out.bar.close()
+        message = str(e) if isinstance(e, TrainingError) else f"{type(e).__name__}: {e}"
+        runs.write_status(run_dir, status="failed", step=run.step, message=message)
+        if out.dash is not None:
+            out.dash.close()
+        raise
+    return _finish(run, out, result)
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 1: set-up, or resume from a checkpoint
+
+
+@dataclass
+class _Run:
+    """What the loop holds and advances: the model and its training state, and the counters."""
+
+    run_dir: Path
+    cfg: Config
+    device: torch.device
+    model: DNC
+    optimizer: torch.optim.Optimizer
+    task: Any
+    objective: Objective
+    curriculum: Curriculum
+    generator: torch.Generator  # the data's own stream, separate from the one that initialised the model
+    acc: dict[str, torch.Tensor]  # running sums on the device, read at summaries
+    train_step: Callable[[Batch], None] = None  # type: ignore[assignment]  (set last by _set_up)
+    step: int = 0
+    elapsed: float = 0.0  # training seconds, over every resume
+    skipped_total: int = 0
+    last: Optional[dict] = None  # the newest metrics row
+    started: float = 0.0  # time.monotonic() at elapsed 0
+    interval: tuple[float, int] = (0.0, 0)  # (time, step) of the previous summary, for steps/s
+
+    def sample(self) -> Batch:
+        return self.task.sample(self.cfg.train.batch_size, self.generator, max_length=self.curriculum.max_length)
+
+
+def _set_up(run_dir: Path, cfg: Config, device: torch.device, resume: bool, echo) -> _Run:
     tc = cfg.train
     seed_everything(tc.seed)
     model = build_model(cfg, device)
     model.train()
-    optimizer = build_optimizer(list(model.parameters()), tc, device)
     task = make_task(cfg.task, device)
-    loss_of, errors_of = scoring(task)
-    curriculum = Curriculum(cfg.task)
-    # The data's own stream, separate from the global one that initialised the model.
-    generator = torch.Generator(device=device).manual_seed(tc.seed + 1_000_003)
-    acc = new_accumulator(device)
-    step, elapsed, skipped_total = 0, 0.0, 0
-
+    run = _Run(run_dir, cfg, device, model, build_optimizer(list(model.parameters()), tc, device), task,
+               objective_for(task), Curriculum(cfg.task),
+               torch.Generator(device=device).manual_seed(tc.seed + 1_000_003), new_accumulator(device))
     if resume:
-        # On the CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest.
-        state = runs.load_checkpoint(run_dir, map_location="cpu")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        curriculum.load_state_dict(state["curriculum"])
-        for k in ACC_KEYS:
-            acc[k].copy_(state["accumulator"][k])
-        step, elapsed, skipped_total = state["step"], state["elapsed"], state["skipped_total"]
-        if not runs.restore_rng(state["rng"], generator):
-            generator.manual_seed(tc.seed + 1_000_003 + step)
-            echo("warning: resumed on another kind of device; the data stream continues from a new seed, "
-                 "so the run will not match an uninterrupted one exactly")
-        runs.truncate_metrics(run_dir, step)
-        eventlog.truncate(run_dir / eventlog.LOG_NAME, step)
-        echo(f"resuming {run_dir.name} at step {step} of {tc.steps}")
+        _resume(run, echo)
+    if device.type != "cuda" and tc.tf32:
+        echo(f"note: train.tf32 has no effect on {device} (TF32 is a mode of NVIDIA GPUs)")
+    run.train_step = _step_function(run, echo)  # after _resume: a CUDA graph captures the loaded state
+    return run
 
-    def checkpoint() -> Optional[Path]:
-        with torch.no_grad():
-            finite = all(torch.isfinite(p).all() for p in model.parameters())
-        if not finite:  # cannot happen with the guard; never write a broken model anyway
-            echo(f"warning: model not finite at step {step}; checkpoint not written")  # pragma: no cover
-            return None
-        payload = {
-            "version": CHECKPOINT_VERSION, "step": step, "elapsed": elapsed, "skipped_total": skipped_total,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "curriculum": curriculum.state_dict(), "accumulator": {k: v.detach().cpu() for k, v in acc.items()},
-            "rng": runs.capture_rng(generator),
-        }
-        return runs.save_checkpoint(run_dir, step, payload, tc.keep_checkpoints)
 
-    env = env_name(cfg.viz.env or run_dir.name)  # the env `dnclab viz` replays into by default
+def _resume(run: _Run, echo) -> None:
+    """Load the newest checkpoint into ``run``: model, optimiser, curriculum, sums, counters, RNGs.
+    Metrics and events logged after it (by a process that died later) are dropped."""
+    # On the CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest.
+    state = runs.load_checkpoint(run.run_dir, map_location="cpu")
+    changes = runs.check_resumable(run.run_dir, state, run.cfg.to_dict())
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.curriculum.load_state_dict(state["curriculum"])
+    for k in ACC_KEYS:
+        run.acc[k].copy_(state["accumulator"][k])
+    run.step, run.elapsed, run.skipped_total = state["step"], state["elapsed"], state["skipped_total"]
+    if not runs.restore_rng(state["rng"], run.generator):
+        run.generator.manual_seed(run.cfg.train.seed + 1_000_003 + run.step)
+        echo("warning: resumed on another kind of device; the data stream continues from a new seed, "
+             "so the run will not match an uninterrupted one exactly")
+    runs.truncate_metrics(run.run_dir, run.step)
+    eventlog.truncate(run.run_dir / eventlog.LOG_NAME, run.step)
+    changed = f"; changed since the checkpoint: {', '.join(changes)}" if changes else ""
+    echo(f"resuming {run.run_dir.name} at step {run.step} of {run.cfg.train.steps}{changed}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 2: the step (dnc_lab/step.py)
+
+
+def _step_function(run: _Run, echo) -> Callable[[Batch], None]:
+    """The step the loop calls: ``step.train_step`` on this run, or its CUDA graph (train.cuda_graph).
+    On a GPU the non-finite guard decides on the device; on the CPU, on the host (it costs nothing)."""
+    tc, on_cuda = run.cfg.train, run.device.type == "cuda"
+
+    def eager(batch: Batch) -> None:
+        train_step(run.model, run.optimizer, batch, run.acc, run.objective, tc.clip, guard_on_device=on_cuda)
+
+    if not tc.cuda_graph:
+        return eager
+    if not on_cuda:
+        echo(f"note: train.cuda_graph has no effect on {run.device} (CUDA graphs need a GPU); steps run eagerly")
+        return eager
+    longest = longest_batch(run.task, tc.batch_size, run.cfg.task.max_length, run.device)
+    return GraphedStep(eager, longest)
+
+
+def _checkpoint(run: _Run) -> Optional[Path]:
+    with torch.no_grad():
+        finite = all(torch.isfinite(p).all() for p in run.model.parameters())
+    if not finite:  # cannot happen with the guard; never write a broken model anyway
+        warnings.warn(f"model not finite at step {run.step}; checkpoint not written")  # pragma: no cover
+        return None  # pragma: no cover
+    payload = {
+        "version": runs.CHECKPOINT_VERSION, "config": run.cfg.to_dict(),
+        "step": run.step, "elapsed": run.elapsed, "skipped_total": run.skipped_total,
+        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "curriculum": run.curriculum.state_dict(), "accumulator": {k: v.detach().cpu() for k, v in run.acc.items()},
+        "rng": runs.capture_rng(run.generator),
+    }
+    return runs.save_checkpoint(run.run_dir, run.step, payload, run.cfg.train.keep_checkpoints)
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 3: summaries (the only place the host reads device values)
+
+
+@dataclass
+class _Output:
+    """Where a run reports: progress bar or lines, status.json, the dashboard, the caller's callback."""
+
+    bar: tqdm
+    show_bar: bool
+    echo: Callable[[str], Any]
+    dash: Optional[Dashboard]
+    on_summary: Optional[Callable[[dict], None]]
+
+    def say(self, text: str) -> None:
+        """A line that leaves the progress bar intact."""
+        if self.show_bar:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            self.echo(text)
+
+
+def _open_output(run: _Run, progress: Optional[bool], echo, on_summary) -> _Output:
+    cfg = run.cfg
     dash = None
     if cfg.viz.enabled:
-        dash = Dashboard(run_dir, env=env, server=cfg.viz.server, port=cfg.viz.port, enabled=True,
+        env = env_name(cfg.viz.env or run.run_dir.name)  # the env `dnclab viz` replays into by default
+        dash = Dashboard(run.run_dir, env=env, server=cfg.viz.server, port=cfg.viz.port, enabled=True,
                          queue_size=cfg.viz.queue_size, timeout_s=cfg.viz.timeout_s,
                          model_dims={"nr_cells": cfg.model.nr_cells, "cell_size": cfg.model.cell_size,
                                      "read_heads": cfg.model.read_heads, "num_writes": cfg.model.num_writes})
-
-    backend = model.backend_choice()  # which memory-step kernels run, and why a faster one did not
+    backend = run.model.backend_choice()  # which memory-step kernels run, and why a faster one did not
     echo(f"memory backend: {backend.describe()}")
-    runs.write_status(run_dir, status="running", task=cfg.task.name, step=step, steps=tc.steps,
-                      pid=os.getpid(), host=socket.gethostname(), device=str(device),
+    runs.write_status(run.run_dir, status="running", task=cfg.task.name, step=run.step, steps=cfg.train.steps,
+                      pid=os.getpid(), host=socket.gethostname(), device=str(run.device),
                       backend=backend.name, backend_reason=backend.reason, message="")
     show_bar = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(total=tc.steps, initial=step, desc=run_dir.name, unit="step", dynamic_ncols=True,
+    bar = tqdm(total=cfg.train.steps, initial=run.step, desc=run.run_dir.name, unit="step", dynamic_ncols=True,
                disable=not show_bar, file=sys.stderr)
-    say = (lambda text: bar.write(text, file=sys.stderr)) if show_bar else echo  # keeps the bar intact
-    last: Optional[dict] = None
-    result: Optional[TrainResult] = None
-    started = time.monotonic() - elapsed
-    interval_start, interval_step = time.monotonic(), step
+    return _Output(bar, show_bar, echo, dash, on_summary)
 
-    try:
-        with _StopSignals() as stop:
-            while result is None and step < tc.steps:
-                step += 1
-                batch = task.sample(tc.batch_size, generator, max_length=curriculum.max_length)
-                logits, _ = model(batch.inputs)  # every batch starts from an empty memory
-                loss = loss_of(logits, batch.targets, batch.mask)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), tc.clip if tc.clip > 0 else math.inf)
-                ok = torch.isfinite(loss) & torch.isfinite(grad_norm)
-                guarded_step(optimizer, ok)
-                with torch.no_grad():
-                    wrong, bits = errors_of(logits.detach(), batch.targets, batch.mask)
-                    accumulate(acc, ok, loss, wrong, bits, grad_norm)
-                bar.update(1)
-                elapsed = time.monotonic() - started
 
-                if step % tc.summarize_freq == 0 or step == tc.steps:
-                    # --- summary: the only place the host reads device values ---
-                    sums = read_accumulator(acc)
-                    skipped_total += int(sums["skipped"])
-                    now = time.monotonic()
-                    per_ok = (lambda total: total / sums["ok"]) if sums["ok"] else (lambda total: None)
-                    last = {  # None (JSON null) when every step of the interval was skipped
-                        "step": step,
-                        "loss": per_ok(sums["loss"]),
-                        "ber": sums["wrong"] / sums["bits"] if sums["bits"] else None,
-                        "grad_norm": per_ok(sums["grad_norm"]),
-                        "skipped": int(sums["skipped"]), "skipped_total": skipped_total,
-                        "max_length": curriculum.max_length, "lr": optimizer.param_groups[0]["lr"],
-                        "time": round(elapsed, 3),
-                        "steps_per_s": round((step - interval_step) / max(now - interval_start, 1e-9), 2),
-                    }
-                    interval_start, interval_step = now, step
-                    reset_accumulator(acc)
-                    runs.append_metrics(run_dir, last)
-                    runs.write_status(run_dir, step=step, last={k: last[k] for k in ("loss", "ber")},
-                                      skipped_total=skipped_total)
-                    if on_summary is not None:
-                        on_summary(last)
-                    bar.set_postfix(loss=_fmt(last["loss"]), ber=_fmt(last["ber"]), refresh=False)
-                    if not show_bar:
-                        echo(f"step {step}/{tc.steps}  loss {_fmt(last['loss'])}  ber {_fmt(last['ber'])}  "
-                             f"skipped {last['skipped']}  {last['time']:.0f}s")
-                    if dash is not None and last["loss"] is not None:
-                        _log_to_dashboard(dash, model, batch, last, categorical=is_categorical(task))
-                    if sums["max_run"] >= tc.max_nonfinite:
-                        newest = runs.list_checkpoints(run_dir)
-                        at = f"step {newest[-1][0]}" if newest else "none yet"
-                        raise TrainingError(
-                            f"stopped at step {step}: {int(sums['max_run'])} non-finite losses/gradients in a row "
-                            f"(train.max_nonfinite = {tc.max_nonfinite}); last good checkpoint: {at}. "
-                            f"Try a lower train.lr or a smaller train.clip")
-                    full_length = curriculum.done
-                    if last["ber"] is not None and curriculum.update(last["ber"]):
-                        say(f"curriculum: sequences up to length {curriculum.max_length} from step {step + 1}")
-                    if tc.target_ber is not None and full_length and last["ber"] is not None \
-                            and last["ber"] <= tc.target_ber:
-                        result = TrainResult("reached_target", step,
-                                             f"reached target BER {last['ber']:.4g} <= {tc.target_ber}")
+def _summarize(run: _Run, out: _Output, batch: Batch) -> dict[str, float]:
+    """Read the running sums (one synchronisation), write the metrics row everywhere, reset the
+    sums; return them."""
+    tc = run.cfg.train
+    sums = read_accumulator(run.acc)
+    run.skipped_total += int(sums["skipped"])
+    now = time.monotonic()
+    per_ok = (lambda total: total / sums["ok"]) if sums["ok"] else (lambda total: None)
+    since, since_step = run.interval
+    last = {  # None (JSON null) when every step of the interval was skipped
+        "step": run.step,
+        "loss": per_ok(sums["loss"]),
+        "ber": sums["wrong"] / sums["bits"] if sums["bits"] else None,
+        "grad_norm": per_ok(sums["grad_norm"]),
+        "skipped": int(sums["skipped"]), "skipped_total": run.skipped_total,
+        "max_length": run.curriculum.max_length, "lr": run.optimizer.param_groups[0]["lr"],
+        "time": round(run.elapsed, 3),
+        "steps_per_s": round((run.step - since_step) / max(now - since, 1e-9), 2),
+    }
+    run.interval, run.last = (now, run.step), last
+    reset_accumulator(run.acc)
+    runs.append_metrics(run.run_dir, last)
+    runs.write_status(run.run_dir, step=run.step, last={k: last[k] for k in ("loss", "ber")},
+                      skipped_total=run.skipped_total)
+    if out.on_summary is not None:
+        out.on_summary(last)
+    out.bar.set_postfix(loss=_fmt(last["loss"]), ber=_fmt(last["ber"]), refresh=False)
+    if not out.show_bar:
+        out.echo(f"step {run.step}/{tc.steps}  loss {_fmt(last['loss'])}  ber {_fmt(last['ber'])}  "
+                 f"skipped {last['skipped']}  {last['time']:.0f}s")
+    if out.dash is not None and last["loss"] is not None:
+        _log_to_dashboard(out.dash, run.model, batch, last, categorical=is_categorical(run.task))
+    return sums
 
-                if step % tc.check_freq == 0:
-                    checkpoint()
-                if result is None and stop.received is not None:
-                    name = signal.Signals(stop.received).name
-                    result = TrainResult("interrupted", step, f"{name} received at step {step}",
-                                         signal=stop.received)
-                if result is None and tc.max_seconds is not None and elapsed >= tc.max_seconds:
-                    result = TrainResult("max_seconds", step, f"train.max_seconds = {tc.max_seconds} reached")
-    except BaseException as e:
-        bar.close()
-        message = str(e) if isinstance(e, TrainingError) else f"{type(e).__name__}: {e}"
-        runs.write_status(run_dir, status="failed", step=step, message=message)
-        if dash is not None:
-            dash.close()
-        raise
-    bar.close()
 
+# ---------------------------------------------------------------------------------------------
+# Phase 4: the reasons to stop, and the end of a run
+
+
+def _stop_if_nonfinite(run: _Run, sums: dict[str, float]) -> None:
+    tc = run.cfg.train
+    if sums["max_run"] >= tc.max_nonfinite:
+        newest = runs.list_checkpoints(run.run_dir)
+        at = f"step {newest[-1][0]}" if newest else "none yet"
+        raise TrainingError(
+            f"stopped at step {run.step}: {int(sums['max_run'])} non-finite losses/gradients in a row "
+            f"(train.max_nonfinite = {tc.max_nonfinite}); last good checkpoint: {at}. "
+            f"Try a lower train.lr or a smaller train.clip")
+
+
+def _grow_curriculum_or_reach_target(run: _Run, say: Callable[[str], None]) -> Optional[TrainResult]:
+    """After a summary: the curriculum may grow; the target BER counts only at the full length."""
+    tc, ber = run.cfg.train, run.last["ber"]
+    full_length = run.curriculum.done
+    if ber is not None and run.curriculum.update(ber):
+        say(f"curriculum: sequences up to length {run.curriculum.max_length} from step {run.step + 1}")
+    if tc.target_ber is not None and full_length and ber is not None and ber <= tc.target_ber:
+        return TrainResult("reached_target", run.step, f"reached target BER {ber:.4g} <= {tc.target_ber}")
+    return None
+
+
+def _stop_reason(run: _Run, stop: _StopSignals) -> Optional[TrainResult]:
+    tc = run.cfg.train
+    if stop.received is not None:
+        name = signal.Signals(stop.received).name
+        return TrainResult("interrupted", run.step, f"{name} received at step {run.step}", signal=stop.received)
+    if tc.max_seconds is not None and run.elapsed >= tc.max_seconds:
+        return TrainResult("max_seconds", run.step, f"train.max_seconds = {tc.max_seconds} reached")
+    return None
+
+
+def _finish(run: _Run, out: _Output, result: Optional[TrainResult]) -> TrainResult:
+    """The last checkpoint; for a finished run, the evaluation on every trained length (bAbI: its
+    validation split); the status."""
+    out.bar.close()
+    tc, step = run.cfg.train, run.step
     if result is None:
         result = TrainResult("finished", step, f"finished {tc.steps} steps")
-    if step % tc.check_freq != 0 or not runs.list_checkpoints(run_dir):
-        checkpoint()
-    result.last = last
+    if step % tc.check_freq != 0 or not runs.list_checkpoints(run.run_dir):
+        _checkpoint(run)
+    result.last = run.last
     if result.status in ("finished", "reached_target"):
-        result.eval, eval_ber, per_item = final_evaluation(model, task, cfg, device)
-        if dash is not None:
-            dash.log_scalars(step, {"eval_ber": eval_ber})
-        runs.write_status(run_dir, eval=per_item, eval_ber=eval_ber)
-    runs.write_status(run_dir, status=result.status, step=step, message=result.message)
-    if dash is not None:
-        dash.close()
+        result.eval, eval_ber, per_item = final_evaluation(run.model, run.task, run.cfg, run.device)
+        if out.dash is not None:
+            out.dash.log_scalars(step, {"eval_ber": eval_ber})
+        runs.write_status(run.run_dir, eval=per_item, eval_ber=eval_ber)
+    runs.write_status(run.run_dir, status=result.status, step=step, message=result.message)
+    if out.dash is not None:
+        out.dash.close()
     return result
 
 

@@ -33,8 +33,10 @@ def random_weighting(*shape, generator=None):
 def test_cosine_similarity_hand_computed():
     memory = t([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]]).unsqueeze(0)  # [1, 3, 2]
     key = t([[1.0, 0.0]]).unsqueeze(0)  # [1, 1, 2]
-    expected = t([1.0, 1 / 2**0.5, 0.0])
-    assert torch.allclose(A.cosine_similarity(memory, key)[0, 0], expected, atol=1e-5)
+    eps = A.EPSILON  # norms are sqrt(|x|² + ε)
+    key_norm = (1 + eps) ** 0.5
+    expected = t([1 / (key_norm * key_norm), 1 / (key_norm * (2 + eps) ** 0.5), 0.0])
+    assert torch.allclose(A.cosine_similarity(memory, key)[0, 0], expected, rtol=0, atol=1e-12)
 
 
 def test_content_weighting_hand_computed_and_sums_to_one():
@@ -42,9 +44,9 @@ def test_content_weighting_hand_computed_and_sums_to_one():
     key = t([[1.0, 0.0]]).unsqueeze(0)
     strength = t([[2.0]])
     weights = A.content_weighting(memory, key, strength)[0, 0]
-    # softmax([2 * 1, 2 * 0])
-    expected = torch.softmax(t(2.0, 0.0), 0)
-    assert torch.allclose(weights, expected, atol=1e-5)
+    # softmax([2 D(k, M0), 2 D(k, M1)]) with D = 1 / (1 + ε) and 0
+    expected = torch.softmax(t(2.0 / (1 + A.EPSILON), 0.0), 0)
+    assert torch.allclose(weights, expected, rtol=0, atol=1e-12)
     g = torch.Generator().manual_seed(0)
     w = A.content_weighting(torch.randn(3, 7, 4, generator=g), torch.randn(3, 2, 4, generator=g), 1 + torch.rand(3, 2, generator=g))
     assert torch.allclose(w.sum(-1), torch.ones(3, 2))
@@ -241,4 +243,4 @@ GRADCHECKS = {
 @pytest.mark.parametrize("name", sorted(GRADCHECKS))
 def test_gradcheck_float64(name):
     fn, args = GRADCHECKS[name](_inputs(torch.Generator().manual_seed(5)))
-    assert gradcheck(fn, args, eps=1e-6, atol=1e-5)
+    assert gradcheck(fn, args, eps=1e-6, atol=1e-8)

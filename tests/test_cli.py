@@ -172,3 +172,16 @@ def test_resume_changes_only_train_and_viz_values(env):
     saved = yaml.safe_load((root / "t" / "config.yaml").read_text())["train"]
     assert (saved["target_ber"], saved["steps"]) == (None, 6)
     assert runs.read_status(root / "t")["status"] == "finished"
+
+
+def test_resume_refuses_an_edited_model_in_one_line_and_touches_nothing(env):
+    root, config = env
+    assert cli("train", config, "--run-id", "e", "--no-progress", "--set", "train.steps=2").exit_code == 0
+    cfg = yaml.safe_load((root / "e" / "config.yaml").read_text())
+    cfg["model"]["nr_cells"] = 8  # today's silent trap: a different memory under the old weights
+    (root / "e" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    before = snapshot(root)
+    result = cli("resume", "e", "--steps", "4", "--no-progress")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "model.nr_cells: 4 -> 8" in result.output and "train.steps" not in result.output
+    assert snapshot(root) == before

@@ -96,3 +96,19 @@ def test_model_section_matches_the_dnc_constructor():
     keywords = set(inspect.signature(DNC.__init__).parameters) - {"self"}
     schema = {f.name for f in dataclasses.fields(ModelConfig)}
     assert schema | set(MODEL_KEYS_SET_BY_RUNNER) == keywords
+
+
+def test_backend_and_its_earlier_alias(tmp_path):
+    base = {"task": {"name": "copy"}, "model": {"native": True, "backend": "reference"}}
+    with pytest.raises(ConfigError, match="model.native = true means backend: native, but model.backend = reference"):
+        config_from_dict(base)
+    assert config_from_dict({"task": {"name": "copy"}, "model": {"native": True}}).model.backend == "auto"
+    with pytest.raises(ConfigError, match="model.backend = 'gpu': expected one of 'auto', 'reference', 'native', 'triton'"):
+        config_from_dict({"task": {"name": "copy"}, "model": {"backend": "gpu"}})
+
+
+def test_removed_model_keys_pass_when_off_and_say_why_when_on():
+    old_run = {"task": {"name": "copy"}, "model": {"fused_link": 0, "compile_step": False, "native": True}}
+    assert config_from_dict(old_run).model.native is True
+    with pytest.raises(ConfigError, match="model.fused_link = 4 no longer exists: the native backend"):
+        config_from_dict({"task": {"name": "copy"}, "model": {"fused_link": 4}})

@@ -66,19 +66,21 @@ def test_masked_bce_counts_only_masked_steps():
 def test_parse_lengths():
     assert parse_lengths("1-3,8, 5") == [1, 2, 3, 5, 8]
     for bad in ("", "0", "3-1", "a", "1-x"):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="length"):
             parse_lengths(bad)
 
 
-@pytest.mark.parametrize("on_device", [False, True], ids=["host-branch", "device-side-undo"])
+@pytest.mark.parametrize("on_device", [False, True], ids=["host-branch", "found-inf-as-on-cuda"])
 @pytest.mark.parametrize("name, extra", [("adam", {}), ("rmsprop", {"momentum": 0.5}), ("rmsprop", {"tf_style": True}),
                                          ("sgd", {"momentum": 0.9})])
 def test_guarded_step_skips_nonfinite_updates_exactly(name, extra, on_device):
+    """On the CPU a bad step is skipped on the host; ``on_device`` runs the path used on CUDA (fused
+    Adam/SGD or dnc_lab's RMSprop reading ``found_inf``), here on the CPU."""
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     with pytest.warns(UserWarning, match="diverge") if name == "sgd" else _nothing():
         opt = build_optimizer(list(model.parameters()), TrainConfig(optimizer=name, lr=0.1, **extra),
-                              torch.device("cpu"))
+                              torch.device("cpu"), device_guard=on_device)
 
     def step(x: torch.Tensor) -> None:
         opt.zero_grad()
@@ -286,3 +288,54 @@ def test_max_seconds_stops_with_a_checkpoint_that_resumes(tmp_path):
     cfg.train.max_seconds = None
     result = training.train(run_dir, cfg, torch.device("cpu"), resume=True, progress=False, echo=lambda *a: None)
     assert (result.status, result.step) == ("finished", 8) and runs.read_status(run_dir)["status"] == "finished"
+
+
+def test_resume_refuses_a_changed_model_or_task_and_reports_allowed_changes(tmp_path):
+    quiet = lambda *a: None  # noqa: E731
+    run_dir, cfg = new_run(tmp_path, tiny(steps=8, max_seconds=1e-6))
+    training.train(run_dir, cfg, torch.device("cpu"), progress=False, echo=quiet)  # stops after step 1
+    assert runs.load_checkpoint(run_dir)["config"] == cfg.to_dict()
+    status = runs.read_status(run_dir)
+
+    edited = tiny(steps=8)
+    edited["model"]["nr_cells"] = 8
+    edited["task"]["max_length"] = 4
+    with pytest.raises(runs.ResumeError, match=r"in keys that cannot change on resume.*: model\.nr_cells: 4 -> 8; "
+                                               r"task\.max_length: 3 -> 4\. Restore"):
+        training.train(run_dir, config_from_dict(edited), torch.device("cpu"), resume=True, echo=quiet)
+    assert runs.read_status(run_dir) == status  # refused before anything was touched
+
+    said = []
+    changed = tiny(steps=8, lr=3e-4)
+    result = training.train(run_dir, config_from_dict(changed), torch.device("cpu"), resume=True, progress=False,
+                            echo=said.append)
+    assert result.status == "finished"
+    assert said[0] == ("resuming r at step 1 of 8; changed since the checkpoint: train.lr: 0.001 -> 0.0003, "
+                       "train.max_seconds: 1e-06 -> None")
+
+
+def test_resume_names_the_checkpoint_format_versions(tmp_path):
+    run_dir, cfg = new_run(tmp_path, tiny(steps=4))
+    training.train(run_dir, cfg, torch.device("cpu"), progress=False, echo=lambda *a: None)
+    [(_, path)] = runs.list_checkpoints(run_dir)
+    state = torch.load(path, weights_only=True)
+    state["version"] = 1
+    del state["config"]
+    torch.save(state, path)
+    cfg.train.steps = 6
+    with pytest.raises(runs.ResumeError, match=r"checkpoint of step 4: checkpoint format version 1, but this dnc_lab "
+                                               r"reads version 2 only"):
+        training.train(run_dir, cfg, torch.device("cpu"), resume=True, echo=lambda *a: None)
+
+
+def test_cuda_only_options_on_the_cpu_say_so_and_change_nothing(tmp_path):
+    quiet = lambda *a: None  # noqa: E731
+    plain_dir, plain = new_run(tmp_path, tiny(steps=4), "plain")
+    training.train(plain_dir, plain, torch.device("cpu"), progress=False, echo=quiet)
+    said = []
+    run_dir, cfg = new_run(tmp_path, tiny(steps=4, cuda_graph=True, tf32=True), "gpu-options")
+    training.train(run_dir, cfg, torch.device("cpu"), progress=False, echo=said.append)
+    assert "note: train.cuda_graph has no effect on cpu (CUDA graphs need a GPU); steps run eagerly" in said
+    assert "note: train.tf32 has no effect on cpu (TF32 is a mode of NVIDIA GPUs)" in said
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("time", "steps_per_s")} for r in rows]  # noqa
+    assert strip(runs.read_metrics(run_dir)) == strip(runs.read_metrics(plain_dir))

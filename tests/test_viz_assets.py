@@ -71,3 +71,24 @@ def test_visdoms_own_server_starts_offline_after_install(visdom_assets, tmp_path
     text = log.read_text()
     assert "It's Alive!" in text
     assert "Downloading scripts" not in text and "while downloading" not in text
+
+
+@pytest.mark.parametrize("url, spec, path", [
+    ("https://unpkg.com/react-grid-layout@2.2.3/css/styles.css", "react-grid-layout@2.2.3", "css/styles.css"),
+    ("https://unpkg.com/react-resizable@3.1.3/css/styles.css", "react-resizable@3.1.3", "css/styles.css"),
+    ("https://cdnjs.cloudflare.com/ajax/libs/mathjax/3.2.2/es5/tex-mml-svg.js", "mathjax@3.2.2", "es5/tex-mml-svg.js"),
+    ("https://d3js.org/d3.v3.min.js", "d3@3.5.17", "d3.min.js"),
+])
+def test_urls_that_only_visdom_0_3_asks_for_map_to_npm_files(url, spec, path):
+    """visdom 0.3.0 (Python >= 3.12) changed these URLs of its download_scripts()."""
+    assert assets.npm_file_for_url(url) == assets.NpmFile(spec, path)
+
+
+def test_the_visdom_release_is_the_one_pyproject_allows_for_this_python():
+    """0.2.4 below Python 3.12 (the dashboard tests here run against it); 0.2.4 or 0.3.x from 3.12 on,
+    where these same tests then run against whichever is installed (`make gpu-check` installs 0.3.0)."""
+    version = visdom.__version__
+    if sys.version_info < (3, 12):
+        assert version == "0.2.4"
+    else:
+        assert version == "0.2.4" or version.startswith("0.3."), version

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import warnings
 from types import ModuleType
 from typing import NamedTuple, Optional, Protocol
 
@@ -92,10 +93,12 @@ class Saved(NamedTuple):
 class Kernels(Protocol):
     """The kernel set of a fast backend (module-level functions; shapes as in dnc_lab.memory).
 
-    - ``memory_forward(raw, state, link_out=None) -> (outputs, Saved)``: raw interface [B, S]
+    - ``memory_forward(raw, state, out=None) -> (outputs, Saved)``: raw interface [B, S]
       (fields in ``memory.interface_sizes`` order, before their nonlinearities), state: the six
       tensors of ``memory.STATE_KEYS`` (link [B, 1, N, N]); outputs: reads [B, R, W] and the six
-      new state tensors (the new link written to ``link_out`` when given). No autograd.
+      new state tensors. ``out`` (optional, entries may be None) gives contiguous tensors to write
+      the seven outputs and then the extra tensors into, so a caller can keep them in its own
+      buffers without a copy. No autograd.
     - ``memory_backward(saved, grads, results=None) -> 7 tensors``: gradients of raw and the six
       state tensors from those of the seven outputs. The six state gradients may be written over
       the very tensors passed in ``grads``.
@@ -104,9 +107,13 @@ class Kernels(Protocol):
     - ``lstm_forward(gates, c_prev, act, c, tanh_c) -> h`` and ``lstm_backward(act, c_prev, tanh_c,
       grad_h, grad_c, grad_gates) -> grad_c_prev``: the LSTM cell after its matrix products.
     - ``memory_step(raw, state) -> (reads, new_state)``: the step with autograd.
+    - ``extra_shapes(batch, cells, width, reads, dtype) -> [(shape, dtype), ...]``: the shapes of
+      ``Saved.extra`` for one step (the sequence operator's fake implementation needs them).
     - ``unsupported(config, device, dtype) -> str | None`` and ``available() -> (bool, reason)``.
+    - ``NAME`` (its key in ``MODULES``) and ``SUPPORTED_VARIANTS`` (names from ``VARIANTS``).
     """
 
+    NAME: str
     SUPPORTED_VARIANTS: tuple
 
 
@@ -165,8 +172,6 @@ def _tell(choice: Choice, requested: str) -> Choice:
     if key not in _said:
         _said.add(key)
         if requested not in ("auto", choice.name):
-            import warnings
-
             warnings.warn(f"backend={requested!r}: using the reference memory step, because {choice.reason}",
                           stacklevel=4)
         else:

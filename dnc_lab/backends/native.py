@@ -87,15 +87,20 @@ def _cache_dir() -> Path:
     return Path(root) / "native"
 
 
-def _build() -> ctypes.CDLL:
-    compiler = os.environ.get("CXX") or "g++"
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C++ compiler: '{compiler}' is not on PATH (install g++, or set CXX)")
+def library_path(compiler: str) -> Path:
+    """Where the build for this source, compiler (and its version), flags and CPU lives in the cache."""
     key = hashlib.sha256(b"\0".join([
         SOURCE.read_bytes(), compiler.encode(), _compiler_id(compiler).encode(), " ".join(FLAGS).encode(),
         _cpu_id().encode(),
     ])).hexdigest()[:16]
-    target = _cache_dir() / f"kernels-{key}.so"
+    return _cache_dir() / f"kernels-{key}.so"
+
+
+def _build() -> ctypes.CDLL:
+    compiler = os.environ.get("CXX") or "g++"
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler: '{compiler}' is not on PATH (install g++, or set CXX)")
+    target = library_path(compiler)
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         # Build beside the target and rename: several processes may build at once.
@@ -233,11 +238,13 @@ def extra_shapes(batch: int, cells: int, width: int, reads: int, dtype: torch.dt
     return [((batch, aux_size(cells, width, reads)), dtype), ((batch, cells), torch.int32)]
 
 
-def _check_out(name: str, tensor: torch.Tensor, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+def _check_out(name: str, tensor: torch.Tensor, shape: tuple[int, ...], like: torch.Tensor,
+               dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """A tensor the kernel writes into must be exactly what it expects: it cannot be made so by a copy."""
-    if tuple(tensor.shape) != tuple(shape) or tensor.dtype != like.dtype or tensor.device != like.device \
+    dtype = dtype or like.dtype
+    if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype or tensor.device != like.device \
             or not tensor.is_contiguous():
-        raise ValueError(f"native kernels: {name} must be a contiguous {like.dtype} tensor of shape {list(shape)} "
+        raise ValueError(f"native kernels: {name} must be a contiguous {dtype} tensor of shape {list(shape)} "
                          f"on {like.device}, got {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}"
                          f"{'' if tensor.is_contiguous() else ', not contiguous'}")
     return tensor
@@ -259,20 +266,23 @@ def _threads(batch: int, cells: int, width: int, heads: int) -> int:
 # ---- The kernel set (dnc_lab.backends.Kernels), without autograd ---------------------------------
 
 
-def memory_forward(raw: torch.Tensor, state: list[torch.Tensor], link_out: Optional[torch.Tensor] = None
+def memory_forward(raw: torch.Tensor, state: list[torch.Tensor], out: Optional[list] = None
                    ) -> tuple[list[torch.Tensor], Saved]:
     """raw [B, S], state (memory, link, precedence, read weights, write weights, usage) ->
     (outputs: reads [B, R, W] and the six new state tensors, saved: what ``memory_backward`` needs).
 
-    link_out: a contiguous [B, 1, N, N] tensor to write the new link matrix to (a new one if None).
+    out: where to write the seven outputs and then the extra tensors (``extra_shapes``), each
+    contiguous and of exactly its shape and dtype, or None for a new tensor (the default: all new).
     """
     b, n, w, r = check_step(raw, state)
     inputs = [t.contiguous() for t in (raw, *state)]
-    new = inputs[1].new_empty
-    link_out = new(b, 1, n, n) if link_out is None else _check_out("link_out", link_out, (b, 1, n, n), inputs[1])
-    outputs = [new(b, r, w), new(b, n, w), link_out, new(b, 1, n), new(b, r, n), new(b, 1, n), new(b, n)]
-    aux = new(b, aux_size(n, w, r))
-    order = torch.empty(b, n, dtype=torch.int32)
+    shapes = [((b, r, w), raw.dtype), *((shape, raw.dtype) for shape in state_shapes(b, n, w, r)),
+              *extra_shapes(b, n, w, r, raw.dtype)]
+    given = list(out or []) + [None] * (len(shapes) - len(out or []))
+    names = ("reads", *STATE_NAMES, "aux", "order")
+    results = [torch.empty(shape, dtype=dtype) if t is None else _check_out(f"out {name}", t, shape, raw, dtype)
+               for t, (shape, dtype), name in zip(given, shapes, names)]
+    outputs, (aux, order) = results[:7], results[7:]
     _kernel("forward", raw.dtype)(
         b, n, w, r, _threads(b, n, w, r), *map(_pointer, inputs), *map(_pointer, outputs), _pointer(aux), _pointer(order)
     )
