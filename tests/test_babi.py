@@ -15,7 +15,7 @@ from dnc_lab.config import ConfigError, config_from_dict
 from dnc_lab.embedding import Embedded
 from dnc_lab.runs import load_run
 from dnc_lab.tasks.babi import BabiConfig, BabiTask, load_babi, parse_stories, task_numbers
-from dnc_lab.training import class_errors, masked_cross_entropy
+from dnc_lab.training import BITS, CLASSES, class_errors, masked_cross_entropy, objective_for
 from babi_fixtures import QA1, QA8, write_release
 
 
@@ -79,6 +79,7 @@ def test_batch_is_one_hot_with_answers_masked(release):
         assert (b.targets[i].sum(-1) == b.mask[i]).all()  # a one-hot target exactly where masked
     a = task.sample(6, torch.Generator().manual_seed(0))
     assert torch.equal(a.inputs, b.inputs)
+    assert objective_for(task) is CLASSES and objective_for(object()) is BITS  # a softmax over words
     with pytest.raises(ValueError, match="own lengths"):
         task.sample(2, torch.Generator(), length=3)
 
