@@ -300,7 +300,8 @@ class BabiTask:
                length: Optional[int] = None) -> Batch:
         """``batch_size`` training stories drawn uniformly (with replacement) from every chosen task."""
         if length is not None:
-            raise ValueError("bAbI stories have their own lengths; evaluate with BabiTask.evaluate instead")
+            raise ValueError("bAbI stories have their own lengths: there is no batch of a given length "
+                             "(so no length evaluation, use BabiTask.evaluate, and no train.cuda_graph)")
         train = self.data.splits["train"]
         picks = torch.randint(0, len(train), (batch_size,), generator=generator, device=generator.device)
         return self.batch([train[i] for i in picks.tolist()])[0]
