@@ -3,7 +3,7 @@
     dnclab train CONFIG [--cuda N] [--set section.key=value]... [--run-id ID] [--dry-run]
     dnclab resume ID [--cuda N] [--steps N] [--set train.key=value]...
     dnclab runs [SWEEP]
-    dnclab eval --run ID [--lengths 1-8,16,32]
+    dnclab eval --run ID [--run ID2 ...] [--lengths 1-8,16,32]   (a table per run, and a plot)
     dnclab sweep SWEEP.yaml [--set section.key=value]... [--sweep-id ID] [--address ADDR]
     dnclab sweep --resume SWEEP_ID / dnclab sweep-report SWEEP_ID      (see dnc_lab.sweep)
     dnclab viz --run ID / dnclab server        (see dnc_lab.viz)
@@ -155,8 +155,10 @@ def _run_training(run_dir: Path, cfg, device, resume: bool, progress: Optional[b
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     summary = f"loss {fmt(last.get('loss'))}, BER {fmt(last.get('ber'))}" if last else "no summary yet"
     click.echo(f"{run_dir.name}: {result.message} ({summary})")
-    if result.eval:
+    if result.eval and "length" in result.eval[0]:
         click.echo("BER per length: " + ", ".join(f"{r['length']}: {r['ber']:.4f}" for r in result.eval))
+    elif result.eval:  # bAbI: its validation split
+        click.echo("validation error per task: " + ", ".join(f"{r['task']}: {r['error']:.4f}" for r in result.eval))
     if result.status in ("interrupted", "max_seconds"):
         click.echo(f"checkpoint saved at step {result.step}; continue with `dnclab resume {run_dir.name}`")
     if result.signal is not None:
@@ -193,41 +195,149 @@ def runs_command(sweep: Optional[str]) -> None:
 
 
 @main.command("eval", context_settings=CONTEXT)
-@click.option("--run", "run", required=True, metavar="ID", help="Run id or run folder.")
+@click.option("--run", "run_ids", required=True, multiple=True, metavar="ID",
+              help="Run id or run folder; repeat it to compare runs on one plot (--run A --run B).")
 @click.option("--lengths", default=None, metavar="LIST",
-              help="Lengths to test, e.g. 1-8,16,32. Default: the trained lengths and twice the longest.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=200, help="Sequences per length.")
+              help="Lengths to test, e.g. 1-8,16,32, in each task's own unit (copy: vectors; associative "
+                   "recall: items; key-value: pairs; ...). Default: the trained lengths and twice the longest.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=200,
+              help="Sequences per length (bAbI: stories per batch).")
 @click.option("--seed", type=click.IntRange(min=0), default=1234, help="Seed of the test sequences.")
-@click.option("--checkpoint", default=None, metavar="STEP", help="Checkpoint step (default: the newest).")
+@click.option("--checkpoint", default=None, metavar="STEP",
+              help="Checkpoint step (default: the newest; one --run only).")
 @click.option("--cuda", type=click.IntRange(min=-1), default=-1, help="CUDA device index; -1 for the CPU.")
-def eval_command(run: str, lengths: Optional[str], batch_size: int, seed: int, checkpoint: Optional[str],
-                 cuda: int) -> None:
-    """Bit error rate per sequence length: how a run generalises beyond its training lengths."""
-    run_dir = runs.resolve_run_dir(run)
-    cfg = load_config(run_dir / "config.yaml")
-    if lengths is None:
-        lengths = f"{cfg.task.min_length}-{cfg.task.max_length},{2 * cfg.task.max_length}"
-    try:
-        wanted = parse_lengths(lengths)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--lengths") from None
+@click.option("--split", type=click.Choice(["test", "validation"]), default="test",
+              help="bAbI only: the split to evaluate (validation: the held-out training stories).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="PNG of error against length  [default: <run>/generalisation.png; with several runs "
+                   "<first run>/generalisation-<A>+<B>.png]")
+@click.option("--visdom/--no-visdom", default=None,
+              help="Also draw the plot in the first run's Visdom env  [default: if its viz.enabled]")
+def eval_command(run_ids: tuple[str, ...], lengths: Optional[str], batch_size: int, seed: int,
+                 checkpoint: Optional[str], cuda: int, split: str, plot_path: Optional[Path],
+                 visdom: Optional[bool]) -> None:
+    """Error per sequence length (how runs generalise beyond their training lengths), with a plot;
+    for bAbI, the per-task error on the test set."""
+    if checkpoint is not None and len(run_ids) > 1:
+        raise click.BadParameter("one checkpoint step cannot apply to several runs; give one --run",
+                                 param_hint="--checkpoint")
+    if lengths is not None:
+        try:
+            parse_lengths(lengths)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--lengths") from None
     device = pick_device(cuda)
+    curves, meanings, length_runs = [], set(), []
+    for run in run_ids:
+        run_dir = runs.resolve_run_dir(run)
+        cfg = load_config(run_dir / "config.yaml")
+        task = make_task(cfg.task, device)
+        if getattr(task, "length_meaning", "") is None:
+            if lengths is not None:
+                raise click.BadParameter(f"--lengths does not apply to task {cfg.task.name!r} (run {run_dir.name}): "
+                                         f"its sequences have their own lengths", param_hint="--lengths")
+            _eval_on_split(run_dir, task, checkpoint, device, split, batch_size)
+            continue
+        curves.append(_eval_lengths(run_dir, cfg, task, lengths, checkpoint, device, batch_size, seed))
+        meanings.add(getattr(task, "length_meaning", None))
+        length_runs.append(run_dir)
+    if curves:
+        _show_generalisation(length_runs, curves, meanings.pop() if len(meanings) == 1 else None,
+                             plot_path, visdom)
+
+
+def _load_for_eval(run_dir: Path, checkpoint: Optional[str], device):
+    """(model in eval mode, the checkpoint's step)."""
     model, _ = runs.load_run(run_dir, checkpoint=checkpoint, device=device)
     path = runs.checkpoint_path(run_dir, checkpoint) if checkpoint else runs.list_checkpoints(run_dir)[-1][1]
     match = runs.CHECKPOINT_RE.match(path.name)
-    step = int(match.group(1)) if match else path.name
-    rows = evaluate(model, make_task(cfg.task, device), wanted, batch_size, seed, device)
+    return model, int(match.group(1)) if match else path.name
+
+
+def _append_eval(run_dir: Path, record: dict) -> None:
+    with open(run_dir / "eval.jsonl", "a") as f:
+        f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), **record}) + "\n")
+
+
+def _eval_lengths(run_dir: Path, cfg, task, lengths: Optional[str], checkpoint, device, batch_size: int, seed: int):
+    """Print and record the BER per length of one run; its curve for the plot."""
+    from dnc_lab.viz.generalisation import Curve
+
+    if lengths is None:
+        lengths = f"{cfg.task.min_length}-{cfg.task.max_length},{2 * cfg.task.max_length}"
+    wanted = parse_lengths(lengths)
+    model, step = _load_for_eval(run_dir, checkpoint, device)
+    try:
+        rows = evaluate(model, task, wanted, batch_size, seed, device)
+    except ValueError as e:  # a length the task cannot make (e.g. more key-value pairs than keys)
+        raise click.BadParameter(f"run {run_dir.name}: {e}", param_hint="--lengths") from None
     trained = range(cfg.task.min_length, cfg.task.max_length + 1)
-    click.echo(f"{runs.run_id(run_dir)} at step {step}: {batch_size} sequences per length, seed {seed}")
+    click.echo(f"{runs.run_id(run_dir)} at step {step}: {batch_size} sequences per length, seed {seed}; "
+               f"length = {task.length_meaning}")
     click.echo(f"{'LENGTH':>6}  {'BER':>8}  {'LOSS':>8}")
     for r in rows:
         note = "" if r["length"] in trained else "  (longer than trained)" if r["length"] > cfg.task.max_length \
             else "  (shorter than trained)"
         click.echo(f"{r['length']:>6}  {r['ber']:>8.4f}  {r['loss']:>8.4f}{note}")
-    record = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "step": step, "seed": seed, "batch_size": batch_size,
-              "rows": rows}
-    with open(run_dir / "eval.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    _append_eval(run_dir, {"step": step, "seed": seed, "batch_size": batch_size, "rows": rows})
+    return Curve(run_dir.name, step, [r["length"] for r in rows], [r["ber"] for r in rows],
+                 (cfg.task.min_length, cfg.task.max_length))
+
+
+def _eval_on_split(run_dir: Path, task, checkpoint, device, split: str, batch_size: int) -> None:
+    """A task with its own test data (bAbI): the DNC paper's per-task error, mean and failed tasks."""
+    model, step = _load_for_eval(run_dir, checkpoint, device)
+    report = task.evaluate(model, split, batch_size)
+    questions = sum(t.questions for t in report.per_task)
+    click.echo(f"{run_dir.name} at step {step}: {split} split, {len(report.per_task)} tasks, {questions} questions "
+               f"(a question is right only if every answer word is)")
+    click.echo(f"{'TASK':>4}  {'QUESTIONS':>9}  {'ERROR':>7}")
+    for t in report.per_task:
+        mark = "  failed" if t.task in report.failed else ""
+        click.echo(f"{t.task:>4}  {t.questions:>9}  {100 * t.error:>6.1f}%{mark}")
+    failed = ", ".join(map(str, report.failed)) or "none"
+    click.echo(f"mean error {100 * report.mean_error:.1f}%; failed tasks (error > 5%): "
+               f"{len(report.failed)} of {len(report.per_task)} ({failed})")
+    _append_eval(run_dir, {"step": step, "split": split, "mean_error": report.mean_error, "failed": report.failed,
+                           "per_task": [{"task": t.task, "questions": t.questions, "error": t.error}
+                                        for t in report.per_task]})
+
+
+def _show_generalisation(run_dirs: list[Path], curves: list, meaning: Optional[str], plot_path: Optional[Path],
+                         visdom: Optional[bool]) -> None:
+    """The PNG, the event in the first run's event log, and (if asked) its Visdom window."""
+    from dnc_lab.viz.client import VisdomConnection, VisdomUnavailable
+    from dnc_lab.viz.eventlog import LOG_NAME, EventLog
+    from dnc_lab.viz.generalisation import generalisation_event, generalisation_figure, write_png
+    from dnc_lab.viz.replay import default_env, run_viz_settings
+
+    first = run_dirs[0]
+    event = generalisation_event(curves, "BER", meaning)
+    if plot_path is None:
+        name = "generalisation" if len(curves) == 1 else "generalisation-" + "+".join(c.run for c in curves)
+        plot_path = first / f"{name}.png"
+    click.echo(f"plot: {write_png(event, plot_path)}")
+    log = EventLog(first / LOG_NAME)
+    try:
+        log.write(event)
+    finally:
+        log.close()
+    settings = run_viz_settings(first)
+    if not (settings.get("enabled", True) if visdom is None else visdom):
+        return
+    env = default_env(first)
+    connection = VisdomConnection(settings.get("server") or "http://localhost", int(settings.get("port") or 8097),
+                                  timeout_s=float(settings.get("timeout_s") or 2.0))
+    try:
+        connection.open_env(env)
+        for endpoint, body in generalisation_figure(env, event):
+            connection.post(endpoint, body)
+        click.echo(f"Visdom: window 'generalisation' in env '{env}' at {connection.url}")
+    except VisdomUnavailable as e:
+        click.echo(f"Visdom: no server answers at {connection.url} ({e}); the figure is in {first / LOG_NAME}, "
+                   f"`dnclab viz --run {first.name}` draws it later")
+    finally:
+        connection.close()
 
 
 @main.command(context_settings=CONTEXT)

@@ -345,7 +345,10 @@ def _check_value(value: Any, hint: Any, f: dataclasses.Field, prefix: str) -> An
 
 def _resolve_model_sizes(cfg: Config, where) -> None:
     """model.input_size/output_size follow from the task; a conflicting value is an error."""
-    task = make_task(cfg.task, "cpu")
+    try:
+        task = make_task(cfg.task, "cpu")  # bAbI reads its files here: a bad file is a config error
+    except ValueError as e:
+        raise ConfigError(f"{where('name')}: task: {e}") from None
     for key, needed in (("input_size", task.input_size), ("output_size", task.output_size)):
         given = getattr(cfg.model, key)
         if given is not None and given != needed:

@@ -360,13 +360,13 @@ def load_run(path_or_id: str | Path, checkpoint: Optional[str | Path] = None,
     """(model, config): the run's DNC from its newest checkpoint, in eval mode, and its resolved
     config as a nested dict. ``checkpoint`` picks another file (a path, or a step number)."""
     from dnc_lab.config import load_config
-    from dnc_lab.dnc import DNC
+    from dnc_lab.training import build_model  # the DNC, or the DNC behind a learned input embedding
 
     run_dir = resolve_run_dir(str(path_or_id))
     cfg = load_config(run_dir / "config.yaml")
     path = None if checkpoint is None else checkpoint_path(run_dir, checkpoint)
     state = load_checkpoint(run_dir, path, map_location=device)
-    model = DNC(**cfg.model_kwargs(), device=device)
+    model = build_model(cfg, torch.device(device))
     model.load_state_dict(state["model"])
     model.eval()
     return model, cfg.to_dict()

@@ -12,7 +12,9 @@
     _stop_reason target BER, SIGINT/SIGTERM, ``max_seconds``; too many non-finite steps raise
 
 Checkpoints every ``check_freq`` steps and when the run stops for any reason; ``_finish`` then
-evaluates a finished run on every trained length.
+evaluates a finished run on every trained length (bAbI: on its validation split). The loss and
+error count come from the task (``objective_for``): bitwise BCE, or a softmax cross-entropy for a
+task whose answers are classes.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from tqdm import tqdm
 from dnc_lab import runs
 from dnc_lab.config import Config
 from dnc_lab.dnc import DNC
+from dnc_lab.embedding import Embedded
 from dnc_lab.optim import RMSprop, TFRMSprop, build_optimizer, guarded_step  # noqa: F401 (the public names)
 from dnc_lab.runs import CHECKPOINT_VERSION  # noqa: F401
 from dnc_lab.step import (ACC_KEYS, GraphedStep, Objective, longest_batch, new_accumulator, read_accumulator,
@@ -87,14 +90,36 @@ def bit_errors(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) 
     return wrong.sum(), mask.sum() * logits.shape[-1]
 
 
-# Bit-vector tasks (copy, repeat copy): each output channel an independent bit.
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean softmax cross-entropy over the masked steps, for a task whose answer is one class per
+    step (bAbI's words). logits [B, T, V]; targets [B, T, V] one-hot where mask is 1; mask [B, T]."""
+    per_step = -(torch.log_softmax(logits, dim=-1) * targets).sum(-1)  # [B, T]
+    return (per_step * mask).sum() / mask.sum().clamp_min(1)
+
+
+def class_errors(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(wrong answers, answers) over the masked steps: an answer is right when the most likely
+    class is the target's."""
+    wrong = (logits.argmax(-1) != targets.argmax(-1)).float() * mask
+    return wrong.sum(), mask.sum()
+
+
+# Bit-vector tasks (copy, repeat copy, ...): each output channel an independent bit.
 BITS = Objective(loss=masked_bce, errors=bit_errors)
+# Tasks whose answer is one class per step (``output_kind = "categorical"``: bAbI's words). The
+# metrics keep the name ``ber``: here it is the fraction of wrong answers.
+CLASSES = Objective(loss=masked_cross_entropy, errors=class_errors)
+
+
+def is_categorical(task) -> bool:
+    """Whether the task's answer is one class per step (its ``output_kind``; default "bits")."""
+    return getattr(task, "output_kind", "bits") == "categorical"
 
 
 def objective_for(task) -> Objective:
     """The loss and error count ``task`` is trained and scored on: its own ``objective`` if it
-    declares one (e.g. a cross-entropy over classes), else the bitwise BCE and bit error rate."""
-    return getattr(task, "objective", BITS)
+    declares one, CLASSES for a categorical task, else the bitwise BCE and bit error rate."""
+    return getattr(task, "objective", CLASSES if is_categorical(task) else BITS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,6 +147,22 @@ def evaluate(model: nn.Module, task, lengths: Sequence[int], batch_size: int, se
         rows.append({"length": length, "ber": (wrong / bits).item(), "loss": loss.item(), "sequences": batch_size})
     model.train(was_training)
     return rows
+
+
+def final_evaluation(model: nn.Module, task, cfg: Config, device: torch.device) -> tuple[list, float, dict]:
+    """(rows, mean error, {length or task number: error}) at the end of a run: the error per
+    trained length on fresh sequences, or for a task with its own held-out data (bAbI, which has
+    ``evaluate``) the error per bAbI task on its validation split."""
+    if hasattr(task, "evaluate"):
+        was_training = model.training
+        model.eval()
+        report = task.evaluate(model, "validation", cfg.train.eval_batch_size)
+        model.train(was_training)
+        rows = [{"task": t.task, "error": t.error, "questions": t.questions} for t in report.per_task]
+        return rows, report.mean_error, {str(r["task"]): r["error"] for r in rows}
+    lengths = list(range(cfg.task.min_length, cfg.task.max_length + 1))
+    rows = evaluate(model, task, lengths, cfg.train.eval_batch_size, cfg.train.seed, device)
+    return rows, sum(r["ber"] for r in rows) / len(rows), {str(r["length"]): r["ber"] for r in rows}
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -187,8 +228,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def build_model(cfg: Config, device: torch.device) -> DNC:
-    return DNC(**cfg.model_kwargs(), device=device)
+def build_model(cfg: Config, device: torch.device) -> nn.Module:
+    """The DNC of ``cfg.model``; wrapped in ``Embedded`` when the task asks for a learned input
+    embedding (``task.embedding_size`` > 0: the DNC then takes embedding_size inputs)."""
+    kwargs = cfg.model_kwargs()
+    embedding = getattr(cfg.task, "embedding_size", 0)
+    if not embedding:
+        return DNC(**kwargs, device=device)
+    vocabulary = kwargs.pop("input_size")
+    return Embedded(vocabulary, DNC(**kwargs, input_size=embedding, device=device)).to(device)
 
 
 
@@ -435,7 +483,7 @@ def _summarize(run: _Run, out: _Output, batch: Batch) -> dict[str, float]:
         out.echo(f"step {run.step}/{tc.steps}  loss {_fmt(last['loss'])}  ber {_fmt(last['ber'])}  "
                  f"skipped {last['skipped']}  {last['time']:.0f}s")
     if out.dash is not None and last["loss"] is not None:
-        _log_to_dashboard(out.dash, run.model, batch, last)
+        _log_to_dashboard(out.dash, run.model, batch, last, categorical=is_categorical(run.task))
     return sums
 
 
@@ -478,7 +526,8 @@ def _stop_reason(run: _Run, stop: _StopSignals) -> Optional[TrainResult]:
 
 
 def _finish(run: _Run, out: _Output, result: Optional[TrainResult]) -> TrainResult:
-    """The last checkpoint; for a finished run, the evaluation on every trained length; the status."""
+    """The last checkpoint; for a finished run, the evaluation on every trained length (bAbI: its
+    validation split); the status."""
     out.bar.close()
     tc, step = run.cfg.train, run.step
     if result is None:
@@ -487,13 +536,10 @@ def _finish(run: _Run, out: _Output, result: Optional[TrainResult]) -> TrainResu
         _checkpoint(run)
     result.last = run.last
     if result.status in ("finished", "reached_target"):
-        task_cfg = run.cfg.task
-        lengths = list(range(task_cfg.min_length, task_cfg.max_length + 1))
-        result.eval = evaluate(run.model, run.task, lengths, tc.eval_batch_size, tc.seed, run.device)
-        eval_ber = sum(r["ber"] for r in result.eval) / len(result.eval)
+        result.eval, eval_ber, per_item = final_evaluation(run.model, run.task, run.cfg, run.device)
         if out.dash is not None:
             out.dash.log_scalars(step, {"eval_ber": eval_ber})
-        runs.write_status(run.run_dir, eval={str(r["length"]): r["ber"] for r in result.eval}, eval_ber=eval_ber)
+        runs.write_status(run.run_dir, eval=per_item, eval_ber=eval_ber)
     runs.write_status(run.run_dir, status=result.status, step=step, message=result.message)
     if out.dash is not None:
         out.dash.close()
@@ -504,8 +550,9 @@ def _fmt(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _log_to_dashboard(dash, model: DNC, batch, last: dict) -> None:
-    """Curves, and memory views of sample 0 of the current batch (one extra forward, no grad)."""
+def _log_to_dashboard(dash, model: DNC, batch, last: dict, categorical: bool = False) -> None:
+    """Curves, and memory views of sample 0 of the current batch (one extra forward, no grad).
+    Outputs are shown as probabilities: per bit, or (``categorical``) a softmax over the classes."""
     dash.log_scalars(last["step"], {"loss": last["loss"], "ber": last["ber"]})
     n = int(batch.mask[0].nonzero().max().item()) + 1 if batch.mask[0].any() else batch.mask.shape[1]
     inputs = batch.inputs[:1, :n]
@@ -515,5 +562,6 @@ def _log_to_dashboard(dash, model: DNC, batch, last: dict) -> None:
         logits, _, views = model.trace(inputs)
     model.train(was_training)
     dash.log_snapshot(last["step"], loss=last["loss"], views=views, inputs=inputs[0].cpu().numpy(),
-                      targets=batch.targets[0, :n].cpu().numpy(), outputs=torch.sigmoid(logits[0]).cpu().numpy(),
+                      targets=batch.targets[0, :n].cpu().numpy(),
+                      outputs=(torch.softmax(logits[0], -1) if categorical else torch.sigmoid(logits[0])).cpu().numpy(),
                       mask=batch.mask[0, :n].cpu().numpy())

@@ -76,7 +76,8 @@ def test_train_resume_eval_runs_load_run(env):
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0].startswith("tiny-1 at step 10") and lines[1].split() == ["LENGTH", "BER", "LOSS"]
-    assert [line.split()[0] for line in lines[2:]] == ["1", "2", "6"] and "longer than trained" in lines[-1]
+    assert [line.split()[0] for line in lines[2:5]] == ["1", "2", "6"] and "longer than trained" in lines[4]
+    assert lines[5] == f"plot: {run_dir / 'generalisation.png'}"  # tests/test_eval_plot.py checks the figure
     assert (run_dir / "eval.jsonl").is_file()
 
     cli("train", config, "--no-progress", "--set", "train.steps=2")  # a second run with a default id

@@ -98,4 +98,4 @@ def test_curriculum_grows_only_below_threshold():
 
 
 def test_registry():
-    assert set(TASKS) == {"copy", "repeat_copy"}
+    assert set(TASKS) == {"copy", "repeat_copy", "associative_recall", "priority_sort", "key_value", "babi"}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -37,10 +37,11 @@ class TaskConfig:
 class Batch(NamedTuple):
     """One batch of sequences, padded at the end to a common length T.
 
-    inputs  [batch, T, input_size]   float 0/1 (repeat-copy's count channel is a fraction)
-    targets [batch, T, output_size]  float 0/1, zero where mask is 0
+    inputs  [batch, T, input_size]   float 0/1 (repeat-copy's count and priority sort's priority
+                                     channels carry other values)
+    targets [batch, T, output_size]  float 0/1, zero where mask is 0 (one-hot for a categorical task)
     mask    [batch, T]               1.0 at the steps where an answer is expected, else 0.0
-    lengths [batch]                  the pattern length of each sequence
+    lengths [batch]                  each sequence's length in the task's unit (its ``length_meaning``)
     """
 
     inputs: torch.Tensor
@@ -90,3 +91,28 @@ def random_lengths(batch_size: int, low: int, high: int, generator: torch.Genera
 def random_bits(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
     """Fair coin flips as floats 0/1."""
     return torch.randint(0, 2, shape, generator=generator, device=device).float()
+
+
+def draw_lengths(cfg: TaskConfig, batch_size: int, generator: torch.Generator, device: torch.device,
+                 max_length: Optional[int] = None, length: Optional[int] = None) -> tuple[torch.Tensor, int]:
+    """(lengths [batch], cap): lengths uniform in [min_length, min(max_length, cfg.max_length)], or
+    all equal to ``length`` (evaluation); ``cap`` is the longest a sequence of the batch may be,
+    which fixes the padded size T."""
+    if length is None:
+        cap = min(max_length or cfg.max_length, cfg.max_length)
+        return random_lengths(batch_size, cfg.min_length, cap, generator, device), cap
+    return torch.full((batch_size,), int(length), device=device), int(length)
+
+
+def random_permutations(lengths: torch.Tensor, cap: int, generator: torch.Generator) -> torch.Tensor:
+    """[batch, cap]: row b starts with a uniformly random permutation of 0..lengths[b]-1; the
+    positions from lengths[b] on hold lengths[b]..cap-1 in order (padding)."""
+    scores = torch.rand(lengths.shape[0], cap, generator=generator, device=lengths.device)
+    position = torch.arange(cap, device=lengths.device)[None, :]
+    scores = torch.where(position < lengths[:, None], scores, 1.0 + position)  # padding sorts last, in order
+    return scores.argsort(dim=1)
+
+
+def to_bits(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """Integer codes [...] as float bit vectors [..., width], least significant bit first."""
+    return ((codes[..., None] >> torch.arange(width, device=codes.device)) & 1).float()

@@ -40,6 +40,7 @@ class CopyTask:
     """Generates copy batches on ``device`` from a caller's torch.Generator."""
 
     Config = CopyConfig
+    length_meaning = "vectors to copy"
 
     def __init__(self, cfg: CopyConfig, device: torch.device | str = "cpu"):
         self.cfg = cfg

@@ -49,6 +49,7 @@ class RepeatCopyTask:
     """Generates repeat-copy batches on ``device`` from a caller's torch.Generator."""
 
     Config = RepeatCopyConfig
+    length_meaning = "vectors in the pattern"
 
     def __init__(self, cfg: RepeatCopyConfig, device: torch.device | str = "cpu"):
         self.cfg = cfg

@@ -4,7 +4,7 @@ Everything the live dashboard shows is first written here, whether or not a Visd
 so `dnclab viz --run ID` can redraw any run later. Events hold data, not plots: figures are made
 from events by `dnc_lab.viz.figures`, the same way live and on replay.
 
-Two kinds of event (arrays are nested lists, rounded to 4 decimals to keep the file small):
+Two kinds of event from training (arrays are nested lists, rounded to 4 decimals to keep the file small):
 
     {"kind": "scalars", "step": 200, "time": 1764100000.0, "values": {"loss": 0.31, "ber": 0.12}}
 
@@ -24,6 +24,8 @@ Two kinds of event (arrays are nested lists, rounded to 4 decimals to keep the f
      "mask": [T]}
 
 A view the model did not report is simply absent. A scalar value may be null (NaN loss).
+`dnclab eval` adds a third kind, "generalisation" (error against length; see
+`dnc_lab.viz.generalisation`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 LOG_NAME = "visdom.jsonl"
+KINDS = ("scalars", "snapshot", "generalisation")  # generalisation: see dnc_lab.viz.generalisation
 DECIMALS = 4
 
 
@@ -188,6 +191,6 @@ def iter_events(lines: Iterable[str], path: Path | str = "<events>") -> Iterator
             if not line.endswith("\n"):
                 continue  # maybe the line the run is writing right now
             raise pending from exc
-        if not isinstance(event, dict) or event.get("kind") not in ("scalars", "snapshot"):
-            raise ValueError(f"{path}, line {number}: expected a scalars or snapshot event")
+        if not isinstance(event, dict) or event.get("kind") not in KINDS:
+            raise ValueError(f"{path}, line {number}: expected a scalars, snapshot or generalisation event")
         yield event

@@ -18,6 +18,7 @@ from dnc_lab.viz import eventlog
 from dnc_lab.viz.client import VisdomConnection
 from dnc_lab.viz.dashboard import CurveBook, env_name
 from dnc_lab.viz.figures import snapshot_figures
+from dnc_lab.viz.generalisation import generalisation_figure
 
 
 class ReplayError(RuntimeError):
@@ -53,16 +54,20 @@ def replay_messages(env: str, events: Iterable[dict], step: int | None = None
     """(messages that draw every window of the run into env, step of the snapshot shown,
     number of events). Holds one snapshot at a time, however long the log."""
     curves = CurveBook()
-    snapshot = None
+    snapshot = generalisation = None
     count = 0
     for count, event in enumerate(events, start=1):
         if event["kind"] == "scalars":
             curves.add(event)
+        elif event["kind"] == "generalisation":
+            generalisation = event  # the newest `dnclab eval` figure
         elif step is None or event["step"] <= step:
             snapshot = event
     messages, _ = curves.messages(env)  # a fresh book: every window drawn in full
     if snapshot is not None:
         messages += snapshot_figures(env, snapshot)
+    if generalisation is not None:
+        messages += generalisation_figure(env, generalisation)
     return messages, None if snapshot is None else snapshot["step"], count
 
 
