@@ -231,7 +231,7 @@ def _forward(kernels, x, h0, c0, reads, memory, lstm, w_xi, b_xi, clip, link_eve
             gates = torch.mm(layer_input, recurrent[l].t()) if base is None else \
                 torch.addmm(base, layer_input, recurrent[l].t())
             h[l] = kernels.lstm_forward(gates, cell_states[l][t], activations[l][t], cell_states[l][t + 1],
-                                        cell_tanhs[l][t])
+                                        cell_tanhs[l][t], trusted=t > 0)
             below = h[l]
         tops[t] = below
         hidden = features[t, :, :hidden_size]
@@ -248,7 +248,9 @@ def _forward(kernels, x, h0, c0, reads, memory, lstm, w_xi, b_xi, clip, link_eve
         # The kernels write the new state straight into the time-major buffers backward reads.
         out = [None, boundary[0][t + 1], link_out, *(buffer[t + 1] for buffer in boundary[1:]),
                *(e[t] for e in extra)] if keep else [None, None, link_out]
-        outputs, _ = kernels.memory_forward(xi, state, out)
+        # The first step is checked at the kernels' boundary; later ones read and write only the
+        # buffers made here from it (the checks would cost as much as the kernel at small sizes).
+        outputs, _ = kernels.memory_forward(xi, state, out, trusted=t > 0)
         reads = outputs[0].view(batch, heads * outputs[0].shape[-1])
         features[t, :, hidden_size:] = reads
         state = outputs[1:]
@@ -327,7 +329,8 @@ def _backward(kernels, x, lstm, w_xi, features, saved, grads, clip, link_every):
         if kept.link is None:
             kept = kept._replace(link=_incoming_link(kernels, s, t, link_every, segment))
         grad_step_reads = (grad_features[t, :, hidden_size:] + grad_reads).view(batch, heads, width)
-        memory_grads = kernels.memory_backward(kept, [grad_step_reads, *grad_memory], [grad_interfaces[t]] + spare)
+        memory_grads = kernels.memory_backward(kept, [grad_step_reads, *grad_memory], [grad_interfaces[t]] + spare,
+                                               trusted=t < steps - 1)  # the first visited: autograd's grads
         grad_memory = memory_grads[1:]  # the `spare` tensors, read (and written) by step t-1
         grad_hidden = torch.addmm(grad_features[t, :, :hidden_size], memory_grads[0], w_xi)
         if clip:
@@ -338,7 +341,7 @@ def _backward(kernels, x, lstm, w_xi, features, saved, grads, clip, link_every):
             grad_h_l = grad_below + grad_h[l]
             g = grad_gates[l][t]
             grad_c[l] = kernels.lstm_backward(s.activations[l][t], s.cells[l][t], s.cell_tanhs[l][t], grad_h_l,
-                                              grad_c[l], g)
+                                              grad_c[l], g, trusted=t < steps - 1)
             grad_input = torch.mm(g, recurrent[l])  # [B, in + H]: the layer input's and h_{t-1}'s gradients
             split = read_size if l == 0 else hidden_size
             grad_below = grad_input[:, :split]
@@ -388,7 +391,7 @@ def _incoming_link(kernels, s: _Saved, t: int, every: int, segment: list[torch.T
     if t == min(start + every, steps) - 1:  # the first visit to this segment
         link = s.links[start // every]  # L_{start-1}, the checkpoint
         for u in range(start, t):  # L_u from L_{u-1}, p_{u-1} and w^w_u
-            link = kernels.link_forward(link, s.precedence[u], s.write_weights[u + 1], segment[u - start])
+            link = kernels.link_forward(link, s.precedence[u], s.write_weights[u + 1], segment[u - start], trusted=True)
     return segment[t - 1 - start]
 
 

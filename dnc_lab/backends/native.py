@@ -238,6 +238,12 @@ def extra_shapes(batch: int, cells: int, width: int, reads: int, dtype: torch.dt
     return [((batch, aux_size(cells, width, reads)), dtype), ((batch, cells), torch.int32)]
 
 
+def _dims(state: list[torch.Tensor]) -> tuple[int, int, int, int]:
+    """(B, N, W, R) of a state already checked."""
+    b, n, w = state[0].shape
+    return b, n, w, state[3].shape[1]
+
+
 def _check_out(name: str, tensor: torch.Tensor, shape: tuple[int, ...], like: torch.Tensor,
                dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """A tensor the kernel writes into must be exactly what it expects: it cannot be made so by a copy."""
@@ -266,21 +272,24 @@ def _threads(batch: int, cells: int, width: int, heads: int) -> int:
 # ---- The kernel set (dnc_lab.backends.Kernels), without autograd ---------------------------------
 
 
-def memory_forward(raw: torch.Tensor, state: list[torch.Tensor], out: Optional[list] = None
+def memory_forward(raw: torch.Tensor, state: list[torch.Tensor], out: Optional[list] = None, trusted: bool = False
                    ) -> tuple[list[torch.Tensor], Saved]:
     """raw [B, S], state (memory, link, precedence, read weights, write weights, usage) ->
     (outputs: reads [B, R, W] and the six new state tensors, saved: what ``memory_backward`` needs).
 
     out: where to write the seven outputs and then the extra tensors (``extra_shapes``), each
     contiguous and of exactly its shape and dtype, or None for a new tensor (the default: all new).
+    trusted: skip the checks, for a caller that checked the first step of a sequence and made every
+    later buffer itself (sequence.py): at small sizes the checks cost as much as the kernel.
     """
-    b, n, w, r = check_step(raw, state)
+    b, n, w, r = _dims(state) if trusted else check_step(raw, state)
     inputs = [t.contiguous() for t in (raw, *state)]
     shapes = [((b, r, w), raw.dtype), *((shape, raw.dtype) for shape in state_shapes(b, n, w, r)),
               *extra_shapes(b, n, w, r, raw.dtype)]
     given = list(out or []) + [None] * (len(shapes) - len(out or []))
     names = ("reads", *STATE_NAMES, "aux", "order")
-    results = [torch.empty(shape, dtype=dtype) if t is None else _check_out(f"out {name}", t, shape, raw, dtype)
+    results = [torch.empty(shape, dtype=dtype) if t is None else
+               t if trusted else _check_out(f"out {name}", t, shape, raw, dtype)
                for t, (shape, dtype), name in zip(given, shapes, names)]
     outputs, (aux, order) = results[:7], results[7:]
     _kernel("forward", raw.dtype)(
@@ -289,15 +298,24 @@ def memory_forward(raw: torch.Tensor, state: list[torch.Tensor], out: Optional[l
     return outputs, Saved(*inputs, outputs[1], outputs[4], outputs[5], (aux, order))
 
 
-def memory_backward(saved: Saved, grads: list[torch.Tensor], results: Optional[list[torch.Tensor]] = None
-                    ) -> list[torch.Tensor]:
+def memory_backward(saved: Saved, grads: list[torch.Tensor], results: Optional[list[torch.Tensor]] = None,
+                    trusted: bool = False) -> list[torch.Tensor]:
     """saved (from ``memory_forward``), grads of its seven outputs -> grads of raw and the six state tensors.
 
     results: seven contiguous tensors to write them to (shaped like raw and the state); new ones if None.
     The six state gradients may be the very tensors passed in ``grads`` (each element is read before
     its result is written), which lets a caller stepping backward through time reuse one set.
+    trusted: skip the checks (see ``memory_forward``).
     """
     inputs = list(saved[:7])
+    if trusted:
+        results = results if results is not None else [torch.empty_like(t) for t in inputs]
+        aux, order = saved.extra
+        kept = [*inputs, saved.new_memory, saved.new_read_weights, saved.new_write_weights, aux, order]
+        b, n, w, r = _dims(inputs[1:])
+        _kernel("backward", inputs[1].dtype)(
+            b, n, w, r, _threads(b, n, w, r), *map(_pointer, kept), *map(_pointer, grads), *map(_pointer, results))
+        return results
     b, n, w, r = check_step(inputs[0], inputs[1:])
     shapes = [(b, r, w), *state_shapes(b, n, w, r)]
     if len(grads) != 7:
@@ -321,13 +339,14 @@ def memory_backward(saved: Saved, grads: list[torch.Tensor], results: Optional[l
 
 
 def link_forward(prev_link: torch.Tensor, prev_precedence: torch.Tensor, write_weights: torch.Tensor,
-                 out: torch.Tensor) -> torch.Tensor:
+                 out: torch.Tensor, trusted: bool = False) -> torch.Tensor:
     """L_t [B, 1, N, N] into ``out`` from L_{t-1}, p_{t-1} [B, 1, N] and w^w_t [B, 1, N]: the link
     matrix ``memory_forward`` computes, bit for bit, without the rest of the step."""
     b, _, n, _ = prev_link.shape
     for name, tensor, shape in (("prev_link", prev_link, (b, 1, n, n)), ("prev_precedence", prev_precedence, (b, 1, n)),
                                 ("write_weights", write_weights, (b, 1, n)), ("out", out, (b, 1, n, n))):
-        _check_out(name, tensor, shape, prev_link)
+        if not trusted:
+            _check_out(name, tensor, shape, prev_link)
     if prev_link.dtype not in DTYPES or prev_link.device.type != "cpu":
         raise ValueError(f"native link_forward: expected CPU float32/float64 tensors, got {prev_link.dtype} on "
                          f"{prev_link.device}")
@@ -350,25 +369,27 @@ def _check_lstm(gates: torch.Tensor, c_prev: torch.Tensor, **others: torch.Tenso
 
 
 def lstm_forward(gates: torch.Tensor, c_prev: torch.Tensor, act: torch.Tensor, c: torch.Tensor,
-                 tanh_c: torch.Tensor) -> torch.Tensor:
+                 tanh_c: torch.Tensor, trusted: bool = False) -> torch.Tensor:
     """The LSTM cell after its matrix products. gates [B, 4H] (pre-activations, torch's i, f, g, o
     order), c_prev [B, H]; writes σ(i), σ(f), tanh(g), σ(o) to act [B, 4H], c = f c_prev + i g to c
     and tanh(c) to tanh_c (all contiguous); returns h = o tanh(c) [B, H]."""
     gates, c_prev = gates.contiguous(), c_prev.contiguous()
     b, h = c_prev.shape
-    _check_lstm(gates, c_prev, act=act, c=c, tanh_c=tanh_c)
+    if not trusted:
+        _check_lstm(gates, c_prev, act=act, c=c, tanh_c=tanh_c)
     out = torch.empty_like(c_prev)
     _kernel("lstm_forward", gates.dtype)(b, h, *map(_pointer, (gates, c_prev, act, c, tanh_c, out)))
     return out
 
 
 def lstm_backward(act: torch.Tensor, c_prev: torch.Tensor, tanh_c: torch.Tensor, grad_h: torch.Tensor,
-                  grad_c: torch.Tensor, grad_gates: torch.Tensor) -> torch.Tensor:
+                  grad_c: torch.Tensor, grad_gates: torch.Tensor, trusted: bool = False) -> torch.Tensor:
     """Backward of ``lstm_forward``: writes dLoss/dgates to grad_gates [B, 4H] (contiguous) and
     returns dLoss/dc_prev [B, H], from dLoss/dh and dLoss/dc of the step's outputs."""
     grad_h, grad_c, c_prev = grad_h.contiguous(), grad_c.contiguous(), c_prev.contiguous()
     b, h = c_prev.shape
-    _check_lstm(act, c_prev, tanh_c=tanh_c, grad_h=grad_h, grad_c=grad_c, grad_gates=grad_gates)
+    if not trusted:
+        _check_lstm(act, c_prev, tanh_c=tanh_c, grad_h=grad_h, grad_c=grad_c, grad_gates=grad_gates)
     grad_c_prev = torch.empty_like(c_prev)
     _kernel("lstm_backward", act.dtype)(
         b, h, *map(_pointer, (act, c_prev, tanh_c, grad_h, grad_c, grad_gates, grad_c_prev))

@@ -893,7 +893,7 @@ def _contiguous(tensors) -> list[torch.Tensor]:
     return [t if t.is_contiguous() else t.contiguous() for t in tensors]
 
 
-def memory_forward(raw: torch.Tensor, state: list[torch.Tensor], out: Optional[list] = None
+def memory_forward(raw: torch.Tensor, state: list[torch.Tensor], out: Optional[list] = None, trusted: bool = False
                    ) -> tuple[list[torch.Tensor], Saved]:
     """raw [B, S], state (memory, link, precedence, read weights, write weights, usage) ->
     (outputs: reads [B, R, W] and the six new state tensors, saved: what ``memory_backward`` needs).
@@ -901,14 +901,16 @@ def memory_forward(raw: torch.Tensor, state: list[torch.Tensor], out: Optional[l
     out: where to write the seven outputs and then the extra tensors (``extra_shapes``), each
     contiguous and of exactly its shape and dtype, or None for a new tensor (the default: all new).
     saved.extra is this module's own: (per-element values kept for backward [B, size], allocation ranks [B, N]).
+    trusted: skip the checks, for a caller that checked the first step of a sequence and made every
+    later buffer itself (sequence.py).
     """
-    b, n, w, r = _check_step(raw, state)
+    b, n, w, r = (*state[0].shape, state[3].shape[1]) if trusted else _check_step(raw, state)
     memory = state[0]
     shapes = [(b, r, w), (b, n, w), (b, 1, n, n), (b, 1, n), (b, r, n), (b, 1, n), (b, n)]
     wanted = [(shape, memory.dtype) for shape in shapes] + extra_shapes(b, n, w, r, memory.dtype)
     given = list(out or []) + [None] * (len(wanted) - len(out or []))
     for i, (t, (shape, dtype)) in enumerate(zip(given, wanted)):
-        if t is not None and (tuple(t.shape) != shape or t.dtype != dtype or t.device != memory.device
+        if t is not None and not trusted and (tuple(t.shape) != shape or t.dtype != dtype or t.device != memory.device
                               or not t.is_contiguous()):
             raise ValueError(f"out[{i}] must be a contiguous {dtype} {list(shape)} tensor on {memory.device}, "
                              f"got {t.dtype} {tuple(t.shape)} on {t.device}")
@@ -937,8 +939,8 @@ def memory_forward(raw: torch.Tensor, state: list[torch.Tensor], out: Optional[l
     return outputs, Saved(*inputs, memory_new, read_new, write_new, (aux, rank))
 
 
-def memory_backward(saved: Saved, grads: list[torch.Tensor], results: Optional[list[torch.Tensor]] = None
-                    ) -> list[torch.Tensor]:
+def memory_backward(saved: Saved, grads: list[torch.Tensor], results: Optional[list[torch.Tensor]] = None,
+                    trusted: bool = False) -> list[torch.Tensor]:
     """saved (from ``memory_forward``), grads of its seven outputs -> grads of raw and the six state tensors.
 
     results: seven contiguous tensors to write them to (shaped like raw and the state); new ones if None.
@@ -948,12 +950,12 @@ def memory_backward(saved: Saved, grads: list[torch.Tensor], results: Optional[l
     raw, memory_prev, link_prev, precedence_prev, read_prev, write_prev, usage_prev = saved[:7]
     memory, read_new, write_new = saved.new_memory, saved.new_read_weights, saved.new_write_weights
     aux, rank = saved.extra
-    b, n, w, r = _check_step(raw, list(saved[1:7]))
-    if len(grads) != 7:
+    b, n, w, r = (*memory_prev.shape, read_prev.shape[1]) if trusted else _check_step(raw, list(saved[1:7]))
+    if not trusted and len(grads) != 7:
         raise ValueError(f"Triton memory backward: expected 7 gradients (reads and the six state tensors), "
                          f"got {len(grads)}")
     shapes = [(b, r, w), (b, n, w), (b, 1, n, n), (b, 1, n), (b, r, n), (b, 1, n), (b, n)]
-    for name, grad, shape in zip(("reads", *_STATE_NAMES), grads, shapes):
+    for name, grad, shape in (zip(("reads", *_STATE_NAMES), grads, shapes) if not trusted else ()):
         if tuple(grad.shape) != shape or grad.dtype != raw.dtype or grad.device != raw.device:
             raise ValueError(f"Triton memory backward: the gradient of {name} is {grad.dtype} {tuple(grad.shape)} on "
                              f"{grad.device}, expected {raw.dtype} {list(shape)} on {raw.device}")
@@ -992,11 +994,12 @@ def memory_backward(saved: Saved, grads: list[torch.Tensor], results: Optional[l
 
 
 def link_forward(prev_link: torch.Tensor, prev_precedence: torch.Tensor, write_weights: torch.Tensor,
-                 out: torch.Tensor) -> torch.Tensor:
+                 out: torch.Tensor, trusted: bool = False) -> torch.Tensor:
     """L_t [B, 1, N, N] into ``out`` from L_{t-1}, p_{t-1} [B, 1, N] and w^w_t [B, 1, N]: the link
     matrix ``memory_forward`` computes, bit for bit, without the rest of the step."""
     b, _, n, _ = prev_link.shape
-    _check(prev_link.device, prev_link.dtype)
+    if not trusted:
+        _check(prev_link.device, prev_link.dtype)
     prev_link, prev_precedence, write_weights = _contiguous((prev_link, prev_precedence, write_weights))
     blocks = _blocks(n, 1, 1)
     # The weighting arguments are unused without WEIGHTINGS; any tensor of the right dtype fills their places.
@@ -1009,11 +1012,12 @@ _LSTM_BLOCK = 1024
 
 
 def lstm_forward(gates: torch.Tensor, c_prev: torch.Tensor, act: torch.Tensor, c: torch.Tensor,
-                 tanh_c: torch.Tensor) -> torch.Tensor:
+                 tanh_c: torch.Tensor, trusted: bool = False) -> torch.Tensor:
     """The LSTM cell after its matrix products. gates [B, 4H] (pre-activations, torch's i, f, g, o
     order), c_prev [B, H]; writes σ(i), σ(f), tanh(g), σ(o) to act [B, 4H], c = f c_prev + i g to c
     and tanh(c) to tanh_c (all contiguous); returns h = o tanh(c) [B, H]."""
-    _check(gates.device, gates.dtype)
+    if not trusted:
+        _check(gates.device, gates.dtype)
     gates, c_prev = _contiguous((gates, c_prev))
     b, h = c_prev.shape
     out = _empty(c_prev, b, h)
@@ -1024,10 +1028,11 @@ def lstm_forward(gates: torch.Tensor, c_prev: torch.Tensor, act: torch.Tensor, c
 
 
 def lstm_backward(act: torch.Tensor, c_prev: torch.Tensor, tanh_c: torch.Tensor, grad_h: torch.Tensor,
-                  grad_c: torch.Tensor, grad_gates: torch.Tensor) -> torch.Tensor:
+                  grad_c: torch.Tensor, grad_gates: torch.Tensor, trusted: bool = False) -> torch.Tensor:
     """Backward of ``lstm_forward``: writes dLoss/dgates to grad_gates [B, 4H] (contiguous) and
     returns dLoss/dc_prev [B, H], from dLoss/dh and dLoss/dc of the step's outputs."""
-    _check(act.device, act.dtype)
+    if not trusted:
+        _check(act.device, act.dtype)
     c_prev, grad_h, grad_c = _contiguous((c_prev, grad_h, grad_c))
     b, h = c_prev.shape
     grad_c_prev = _empty(c_prev, b, h)
