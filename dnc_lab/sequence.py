@@ -403,6 +403,8 @@ def _setup_context(ctx, inputs, output):
     ctx.backend, ctx.clip, ctx.link_every, ctx.lstm_len = backend, clip, link_every, len(lstm)
     ctx.present = [t.numel() > 0 for t in lstm] + [b_xi is not None]  # biases may be missing
     ctx.mark_non_differentiable(*output[PUBLIC:])
+    # Else autograd hands backward a zero gradient for every saved buffer: a second copy of them all.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, w_xi, *lstm, *output[:PUBLIC], *output[PUBLIC:])
 
 

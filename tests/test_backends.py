@@ -263,3 +263,24 @@ def test_a_tiny_copy_task_is_learned_on_every_backend(backend, tmp_path):
     assert metrics[0]["ber"] > 0.2  # the first 50 steps: far from learnt (chance is 0.5)
     assert result.last["ber"] < 0.1, result.last
     assert runs.read_status(run_dir)["backend"] == backend
+
+
+@needs_compiler
+def test_backward_gets_no_zero_gradients_for_the_saved_buffers(monkeypatch):
+    """The forward operator returns its saved state; autograd must not make a zero gradient for each
+    of those buffers (that doubled the peak memory of a training step)."""
+    seen = []
+    original = sequence._gradient
+
+    def spy(ctx, grads):
+        seen.append([g is None for g in list(grads)[sequence.PUBLIC:]])
+        return original(ctx, grads)
+
+    monkeypatch.setattr(sequence, "_gradient", spy)
+    sequence._sequence_op.register_autograd(spy, setup_context=sequence._setup_context)
+    try:
+        output, _ = DNC(**SMALL)(torch.randn(2, 5, 3))
+        output.sum().backward()
+    finally:
+        sequence._sequence_op.register_autograd(original, setup_context=sequence._setup_context)
+    assert len(seen) == 1 and len(seen[0]) > 10 and all(seen[0])

@@ -441,6 +441,8 @@ def _step_backward_fake(saved, grads):
 
 def _step_setup_context(ctx, inputs, output):
     reads, memory, link, precedence, read_weights, write_weights, usage, aux, order = output
+    ctx.mark_non_differentiable(aux, order)
+    ctx.set_materialize_grads(False)  # no zero gradients made for aux and order (backward fills in what it needs)
     ctx.save_for_backward(*inputs, memory, read_weights, write_weights, aux, order)
 
 
