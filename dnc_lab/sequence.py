@@ -324,6 +324,8 @@ def _backward(kernels, x, lstm, w_xi, features, saved, grads, clip, link_every):
     spare = [torch.empty_like(g) for g in grad_memory]
     segment = [torch.empty_like(s.links[0]) for _ in range(link_every - 1)]
     heads, width = s.read_weights.shape[2], s.memory.shape[-1]
+    # Where the clip let the controller output through, for every step at once (not 4 ops a step).
+    passed = ((s.tops >= -clip) & (s.tops <= clip)).to(s.tops.dtype) if clip else None
     for t in reversed(range(steps)):
         kept = s.step(t, link_every)
         if kept.link is None:
@@ -334,8 +336,7 @@ def _backward(kernels, x, lstm, w_xi, features, saved, grads, clip, link_every):
         grad_memory = memory_grads[1:]  # the `spare` tensors, read (and written) by step t-1
         grad_hidden = torch.addmm(grad_features[t, :, :hidden_size], memory_grads[0], w_xi)
         if clip:
-            top = s.tops[t]
-            grad_hidden = grad_hidden * ((top >= -clip) & (top <= clip))  # torch.clamp's gradient
+            grad_hidden.mul_(passed[t])  # torch.clamp's gradient
         grad_below = grad_hidden
         for l in reversed(range(n_layers)):
             grad_h_l = grad_below + grad_h[l]
