@@ -309,33 +309,31 @@ def memory_backward(saved: Saved, grads: list[torch.Tensor], results: Optional[l
     """
     inputs = list(saved[:7])
     if trusted:
-        results = results if results is not None else [torch.empty_like(t) for t in inputs]
-        aux, order = saved.extra
-        kept = [*inputs, saved.new_memory, saved.new_read_weights, saved.new_write_weights, aux, order]
         b, n, w, r = _dims(inputs[1:])
-        _kernel("backward", inputs[1].dtype)(
-            b, n, w, r, _threads(b, n, w, r), *map(_pointer, kept), *map(_pointer, grads), *map(_pointer, results))
-        return results
-    b, n, w, r = check_step(inputs[0], inputs[1:])
-    shapes = [(b, r, w), *state_shapes(b, n, w, r)]
-    if len(grads) != 7:
-        raise ValueError(f"native memory backward: expected 7 gradients (reads and the six state tensors), got {len(grads)}")
-    checked = []
-    for name, grad, shape in zip(("reads", *STATE_NAMES), grads, shapes):
-        if tuple(grad.shape) != shape or grad.dtype != inputs[1].dtype or grad.device.type != "cpu":
-            raise ValueError(f"native memory backward: the gradient of {name} is {grad.dtype} {tuple(grad.shape)} on "
-                             f"{grad.device}, expected {inputs[1].dtype} {list(shape)} on the CPU")
-        checked.append(grad.contiguous())
+    else:
+        b, n, w, r = check_step(inputs[0], inputs[1:])
+        grads = _checked_grads(grads, inputs[1].dtype, [(b, r, w), *state_shapes(b, n, w, r)])
+        if results is not None:
+            results = [_check_out(f"result {i}", t, tuple(x.shape), x) for i, (t, x) in enumerate(zip(results, inputs))]
     if results is None:
         results = [torch.empty_like(t) for t in inputs]
-    else:
-        results = [_check_out(f"result {i}", t, tuple(x.shape), x) for i, (t, x) in enumerate(zip(results, inputs))]
     aux, order = saved.extra
     kept = [*inputs, saved.new_memory, saved.new_read_weights, saved.new_write_weights, aux, order]
     _kernel("backward", inputs[1].dtype)(
-        b, n, w, r, _threads(b, n, w, r), *map(_pointer, kept), *map(_pointer, checked), *map(_pointer, results)
+        b, n, w, r, _threads(b, n, w, r), *map(_pointer, kept), *map(_pointer, grads), *map(_pointer, results)
     )
     return results
+
+
+def _checked_grads(grads: list[torch.Tensor], dtype: torch.dtype, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    """The gradients of the step's seven outputs, checked and made contiguous."""
+    if len(grads) != 7:
+        raise ValueError(f"native memory backward: expected 7 gradients (reads and the six state tensors), got {len(grads)}")
+    for name, grad, shape in zip(("reads", *STATE_NAMES), grads, shapes):
+        if tuple(grad.shape) != shape or grad.dtype != dtype or grad.device.type != "cpu":
+            raise ValueError(f"native memory backward: the gradient of {name} is {grad.dtype} {tuple(grad.shape)} on "
+                             f"{grad.device}, expected {dtype} {list(shape)} on the CPU")
+    return [grad.contiguous() for grad in grads]
 
 
 def link_forward(prev_link: torch.Tensor, prev_precedence: torch.Tensor, write_weights: torch.Tensor,
