@@ -185,7 +185,7 @@ class DNCCore(nn.Module):
         weights = sequence.Weights(rnn_weights(rnn), *interface)
         state = [memories[0][key] for key in STATE_KEYS]
         features, h_t, c_t, reads, state = sequence.run(kernels, x, h0, c0, reads, state, weights, self.config.clip,
-                                                        link_every)
+                                                        link_every, backends.Variants.of(self.config))
         return features, [(h_t, c_t)], [MemoryState(zip(STATE_KEYS, state))], reads
 
     def _time_step(self, x_t: torch.Tensor, weights: Optional[list], controller_hidden: list, memories: list,
@@ -222,7 +222,8 @@ class DNCCore(nn.Module):
         access = self.memories[slot]
         if kernels is None:
             return access(hidden, state)
-        reads, new_state = kernels.memory_step(access.raw_interface(hidden), [state[key] for key in STATE_KEYS])
+        reads, new_state = kernels.memory_step(access.raw_interface(hidden), [state[key] for key in STATE_KEYS],
+                                               backends.Variants.of(self.config))
         return MemoryStep(reads, MemoryState(zip(STATE_KEYS, new_state)), None)
 
 

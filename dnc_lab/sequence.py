@@ -39,7 +39,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from dnc_lab import backends
-from dnc_lab.backends import Saved
+from dnc_lab.backends import PLAIN, Saved, Variants
 
 PUBLIC = 10  # the forward operator's outputs that run() returns: features, h_T, c_T, reads_T, 6 memory tensors
 
@@ -53,10 +53,11 @@ class Weights(NamedTuple):
 
 
 def run(kernels, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, reads: torch.Tensor, memory: list[torch.Tensor],
-        weights: Weights, clip: float, link_every: int = 1):
+        weights: Weights, clip: float, link_every: int = 1, variants: Variants = PLAIN):
     """x [T, B, I], h0 and c0 [L, B, H], reads [B, R*W], memory: the six state tensors (memory.STATE_KEYS order).
 
-    kernels: the backend module (dnc_lab.backends.Kernels) whose memory and LSTM kernels run the steps.
+    kernels: the backend module (dnc_lab.backends.Kernels) whose memory and LSTM kernels run the steps;
+    variants: the ICLR 2019 variants its memory kernels compute (dnc_lab.backends.Variants).
 
     Returns features [T, B, H + R*W], h_T and c_T [L, B, H], reads_T [B, R*W], the six memory tensors at T.
     link_every = k keeps the incoming link matrix of every k-th step for backward and recomputes the
@@ -71,7 +72,7 @@ def run(kernels, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, reads: tor
     check_inputs(x, h0, c0, reads, memory, weights)
     graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
     out = _sequence_op(kernels.NAME, x, h0, c0, reads, list(memory), lstm, weights.interface_weight,
-                       weights.interface_bias, float(clip), max(1, int(link_every)) if graph else 0)
+                       weights.interface_bias, float(clip), max(1, int(link_every)) if graph else 0, *variants)
     features, h_t, c_t, reads_t, *memory_t = out[:PUBLIC]
     return features, h_t, c_t, reads_t, list(memory_t)
 
@@ -178,12 +179,15 @@ def _recurrent(lstm: list, inputs: int) -> list[torch.Tensor]:
 @torch.library.custom_op("dnc_lab::lstm_dnc_sequence", mutates_args=())
 def _sequence_op(backend: str, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, reads: torch.Tensor,
                  memory: list[torch.Tensor], lstm: list[torch.Tensor], w_xi: torch.Tensor,
-                 b_xi: Optional[torch.Tensor], clip: float, link_every: int) -> list[torch.Tensor]:
-    """[features, h_T, c_T, reads_T, six memory tensors at T] + (link_every > 0) _Saved.flat()."""
-    return _forward(backends.load(backend), x, h0, c0, reads, memory, lstm, w_xi, b_xi, clip, link_every)
+                 b_xi: Optional[torch.Tensor], clip: float, link_every: int, masked_lookup: bool, mask_min: float,
+                 deallocation: bool, link_sharpness: bool) -> list[torch.Tensor]:
+    """[features, h_T, c_T, reads_T, six memory tensors at T] + (link_every > 0) _Saved.flat().
+    The last four arguments are the fields of the Variants the memory kernels compute."""
+    variants = Variants(masked_lookup, mask_min, deallocation, link_sharpness)
+    return _forward(backends.load(backend), x, h0, c0, reads, memory, lstm, w_xi, b_xi, clip, link_every, variants)
 
 
-def _forward(kernels, x, h0, c0, reads, memory, lstm, w_xi, b_xi, clip, link_every):
+def _forward(kernels, x, h0, c0, reads, memory, lstm, w_xi, b_xi, clip, link_every, variants):
     layers = _layers(lstm)
     steps, batch, inputs = x.shape
     hidden_size = h0.shape[-1]
@@ -215,7 +219,8 @@ def _forward(kernels, x, h0, c0, reads, memory, lstm, w_xi, b_xi, clip, link_eve
             buffer[0] = initial
         links = [memory[1].clone()] + [torch.empty_like(memory[1]) for _ in range(1, math.ceil(steps / link_every))]
         b, n, w = memory[0].shape
-        extra = [new(steps, *shape, dtype=dtype) for shape, dtype in kernels.extra_shapes(b, n, w, heads, x.dtype)]
+        extra = [new(steps, *shape, dtype=dtype)
+                 for shape, dtype in kernels.extra_shapes(b, n, w, heads, x.dtype, variants)]
     scratch = [torch.empty_like(memory[1]) for _ in range(2)] if not keep or link_every > 1 else None
 
     h = list(h0.unbind(0))
@@ -250,7 +255,7 @@ def _forward(kernels, x, h0, c0, reads, memory, lstm, w_xi, b_xi, clip, link_eve
                *(e[t] for e in extra)] if keep else [None, None, link_out]
         # The first step is checked at the kernels' boundary; later ones read and write only the
         # buffers made here from it (the checks would cost as much as the kernel at small sizes).
-        outputs, _ = kernels.memory_forward(xi, state, out, trusted=t > 0)
+        outputs, _ = kernels.memory_forward(xi, state, out, trusted=t > 0, variants=variants)
         reads = outputs[0].view(batch, heads * outputs[0].shape[-1])
         features[t, :, hidden_size:] = reads
         state = outputs[1:]
@@ -267,7 +272,7 @@ def _forward(kernels, x, h0, c0, reads, memory, lstm, w_xi, b_xi, clip, link_eve
 
 
 @_sequence_op.register_fake
-def _sequence_fake(backend, x, h0, c0, reads, memory, lstm, w_xi, b_xi, clip, link_every):
+def _sequence_fake(backend, x, h0, c0, reads, memory, lstm, w_xi, b_xi, clip, link_every, *variants):
     steps, batch, _ = x.shape
     hidden_size, read_size = h0.shape[-1], reads.shape[-1]
     public = [x.new_empty(steps, batch, hidden_size + read_size), torch.empty_like(h0), torch.empty_like(c0),
@@ -279,7 +284,8 @@ def _sequence_fake(backend, x, h0, c0, reads, memory, lstm, w_xi, b_xi, clip, li
     r = memory[3].shape[1]
     new = x.new_empty
     layers = _layers(lstm)
-    extra = [new(steps, *shape, dtype=dtype) for shape, dtype in kernels.extra_shapes(b, n, w, r, x.dtype)]
+    extra = [new(steps, *shape, dtype=dtype) for shape, dtype in kernels.extra_shapes(b, n, w, r, x.dtype,
+                                                                                     Variants(*variants))]
     saved = _Saved(
         new(steps, batch, hidden_size), new(steps, batch, w_xi.shape[0]),
         *(new(steps + 1, *memory[i].shape) for i in (0, 2, 3, 4, 5)),
@@ -297,13 +303,15 @@ def _sequence_fake(backend, x, h0, c0, reads, memory, lstm, w_xi, b_xi, clip, li
 @torch.library.custom_op("dnc_lab::lstm_dnc_sequence_backward", mutates_args=())
 def _sequence_backward_op(backend: str, x: torch.Tensor, lstm: list[torch.Tensor], w_xi: torch.Tensor,
                           features: torch.Tensor, saved: list[torch.Tensor], grads: list[torch.Tensor],
-                          clip: float, link_every: int) -> list[torch.Tensor]:
+                          clip: float, link_every: int, masked_lookup: bool, mask_min: float, deallocation: bool,
+                          link_sharpness: bool) -> list[torch.Tensor]:
     """Gradients of [x, h0, c0, reads, six memory tensors, each LSTM weight and bias, w_xi, b_xi]
     from those of the ten public outputs. A missing bias's gradient is an empty tensor."""
-    return _backward(backends.load(backend), x, lstm, w_xi, features, saved, grads, clip, link_every)
+    variants = Variants(masked_lookup, mask_min, deallocation, link_sharpness)
+    return _backward(backends.load(backend), x, lstm, w_xi, features, saved, grads, clip, link_every, variants)
 
 
-def _backward(kernels, x, lstm, w_xi, features, saved, grads, clip, link_every):
+def _backward(kernels, x, lstm, w_xi, features, saved, grads, clip, link_every, variants):
     layers = _layers(lstm)
     n_layers = len(layers)
     s = _Saved.unflat(list(saved), n_layers, link_every)
@@ -332,7 +340,8 @@ def _backward(kernels, x, lstm, w_xi, features, saved, grads, clip, link_every):
             kept = kept._replace(link=_incoming_link(kernels, s, t, link_every, segment))
         grad_step_reads = (grad_features[t, :, hidden_size:] + grad_reads).view(batch, heads, width)
         memory_grads = kernels.memory_backward(kept, [grad_step_reads, *grad_memory], [grad_interfaces[t]] + spare,
-                                               trusted=t < steps - 1)  # the first visited: autograd's grads
+                                               trusted=t < steps - 1,  # the first visited: autograd's grads
+                                               variants=variants)
         grad_memory = memory_grads[1:]  # the `spare` tensors, read (and written) by step t-1
         grad_hidden = torch.addmm(grad_features[t, :, :hidden_size], memory_grads[0], w_xi)
         if clip:
@@ -373,7 +382,7 @@ def _backward(kernels, x, lstm, w_xi, features, saved, grads, clip, link_every):
 
 
 @_sequence_backward_op.register_fake
-def _sequence_backward_fake(backend, x, lstm, w_xi, features, saved, grads, clip, link_every):
+def _sequence_backward_fake(backend, x, lstm, w_xi, features, saved, grads, clip, link_every, *variants):
     grad_features, grad_h_t, grad_c_t, grad_reads_t, *grad_memory_t = grads
     return [torch.empty_like(x), torch.empty_like(grad_h_t), torch.empty_like(grad_c_t), torch.empty_like(grad_reads_t),
             *(torch.empty_like(g) for g in grad_memory_t),
@@ -400,8 +409,9 @@ def _incoming_link(kernels, s: _Saved, t: int, every: int, segment: list[torch.T
 
 
 def _setup_context(ctx, inputs, output):
-    backend, x, h0, c0, reads, memory, lstm, w_xi, b_xi, clip, link_every = inputs
+    backend, x, h0, c0, reads, memory, lstm, w_xi, b_xi, clip, link_every, *variants = inputs
     ctx.backend, ctx.clip, ctx.link_every, ctx.lstm_len = backend, clip, link_every, len(lstm)
+    ctx.variants = variants
     ctx.present = [t.numel() > 0 for t in lstm] + [b_xi is not None]  # biases may be missing
     ctx.mark_non_differentiable(*output[PUBLIC:])
     # Else autograd hands backward a zero gradient for every saved buffer: a second copy of them all.
@@ -418,13 +428,14 @@ def _gradient(ctx, grads):
     rest = saved[2 + n + PUBLIC:]
     # An output that did not reach the loss has no gradient: zeros of its shape.
     grads = [g if g is not None else torch.zeros_like(o) for g, o in zip(list(grads)[:PUBLIC], public)]
-    out = _sequence_backward_op(ctx.backend, x, lstm, w_xi, public[0], rest, grads, ctx.clip, ctx.link_every)
+    out = _sequence_backward_op(ctx.backend, x, lstm, w_xi, public[0], rest, grads, ctx.clip, ctx.link_every,
+                                *ctx.variants)
     grad_x, grad_h0, grad_c0, grad_reads, *rest_grads = out
     grad_memory, grad_lstm = rest_grads[:6], rest_grads[6:6 + ctx.lstm_len]
     grad_w_xi, grad_b_xi = rest_grads[6 + ctx.lstm_len:]
     grad_lstm = [g if present else None for g, present in zip(grad_lstm, ctx.present[:-1])]
     return (None, grad_x, grad_h0, grad_c0, grad_reads, grad_memory, grad_lstm, grad_w_xi,
-            grad_b_xi if ctx.present[-1] else None, None, None)
+            grad_b_xi if ctx.present[-1] else None, None, None, None, None, None, None)
 
 
 _sequence_op.register_autograd(_gradient, setup_context=_setup_context)

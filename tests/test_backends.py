@@ -129,7 +129,7 @@ def test_the_kernels_check_dtype_device_shape_and_interface_width():
 def test_the_native_step_and_the_sequence_pass_opcheck():
     raw, state = _step_inputs()
     raw.requires_grad_()
-    assert set(opcheck(native._step_op, (raw, *state)).values()) == {"SUCCESS"}
+    assert set(opcheck(native._step_op, (raw, *state, *backends.PLAIN)).values()) == {"SUCCESS"}
 
     torch.manual_seed(0)
     model = DNC(4, 8, nr_cells=5, cell_size=3, read_heads=2, num_hidden_layers=2, backend="native").double()
@@ -142,7 +142,7 @@ def test_the_native_step_and_the_sequence_pass_opcheck():
     reads = torch.zeros(batch, 6, dtype=torch.float64)
     for link_every in (1, 3):  # every link kept; links recomputed in segments
         args = ("native", x, h0, h0.clone(), reads, memory, lstm, access.interface.weight, access.interface.bias, 20.0,
-                link_every)
+                link_every, *backends.PLAIN)
         assert set(opcheck(sequence._sequence_op, args).values()) == {"SUCCESS"}
 
 
@@ -158,7 +158,8 @@ def test_the_sequence_operator_traces_on_the_meta_device():
     h0 = torch.empty(1, 3, 8, device="meta")
     size = native.interface_size(5, 3, 2)
     out = sequence._sequence_op("native", x, h0, h0, torch.empty(3, 6, device="meta"), memory, lstm,
-                                torch.empty(size, 8, device="meta"), torch.empty(size, device="meta"), 20.0, 2)
+                                torch.empty(size, 8, device="meta"), torch.empty(size, device="meta"), 20.0, 2,
+                                *backends.PLAIN)
     assert out[0].shape == (5, 3, 14) and out[0].device.type == "meta"
     assert [tuple(t.shape) for t in out[4:10]] == [tuple(m.shape) for m in memory]
 
@@ -284,3 +285,23 @@ def test_backward_gets_no_zero_gradients_for_the_saved_buffers(monkeypatch):
     finally:
         sequence._sequence_op.register_autograd(original, setup_context=sequence._setup_context)
     assert len(seen) == 1 and len(seen[0]) > 10 and all(seen[0])
+
+
+def test_kernels_refuse_variants_they_do_not_implement():
+    """A fast backend handed a variant its kernels lack says so instead of computing the plain DNC."""
+    missing = [name for name in backends.VARIANTS if name not in native.SUPPORTED_VARIANTS]
+    if not missing:
+        pytest.skip("the native kernels implement every variant")
+    variants = backends.Variants(**{missing[0]: True})
+    with pytest.raises(ValueError, match=f"native kernels do not implement {missing[0]}"):
+        backends.check_variants(native.NAME, native.SUPPORTED_VARIANTS, variants)
+    with pytest.raises(TypeError, match="must be a dnc_lab.backends.Variants"):
+        backends.check_variants(native.NAME, native.SUPPORTED_VARIANTS, {"deallocation": True})
+
+
+def test_variants_of_a_config_name_what_is_switched_on():
+    model = DNC(**SMALL, link_sharpness=True, masked_lookup=True, mask_min=0.1)
+    variants = backends.Variants.of(model.core_config)
+    assert variants == backends.Variants(True, 0.1, False, True)
+    assert variants.names() == ["masked_lookup", "link_sharpness"]
+    assert backends.Variants.of(DNC(**SMALL).core_config) == backends.PLAIN

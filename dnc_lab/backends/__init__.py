@@ -49,6 +49,44 @@ PREFERENCE = {"cpu": ("native",), "cuda": ("triton",)}
 VARIANTS = ("masked_lookup", "deallocation", "link_sharpness")
 
 
+class Variants(NamedTuple):
+    """The variant options a fast backend's kernels receive with every call (``PLAIN``: the paper's DNC).
+
+    The raw interface carries the variants' own fields (masks, sharpness exponents; see
+    ``memory.interface_sizes``) when ``masked_lookup`` / ``link_sharpness`` are on; ``deallocation``
+    and ``mask_min`` are not in the interface, so the kernels are told them here.
+    """
+
+    masked_lookup: bool = False
+    mask_min: float = 0.0  # the floor of the lookup masks (masked_lookup only)
+    deallocation: bool = False
+    link_sharpness: bool = False
+
+    @classmethod
+    def of(cls, config) -> "Variants":
+        """The variants of a ``dnc.CoreConfig`` (or anything with those attributes)."""
+        masked = bool(getattr(config, "masked_lookup", False))
+        return cls(masked, float(getattr(config, "mask_min", 0.0)) if masked else 0.0,
+                   bool(getattr(config, "deallocation", False)), bool(getattr(config, "link_sharpness", False)))
+
+    def names(self) -> list[str]:
+        """The names (from ``VARIANTS``) of the variants switched on."""
+        return [name for name in VARIANTS if getattr(self, name)]
+
+
+PLAIN = Variants()
+
+
+def check_variants(backend: str, supported: tuple, variants: Variants) -> None:
+    """Raise a ValueError naming the variants in ``variants`` that a backend's kernels lack."""
+    if not isinstance(variants, Variants):
+        raise TypeError(f"{backend} kernels: variants must be a dnc_lab.backends.Variants, got {type(variants).__name__}")
+    missing = [name for name in variants.names() if name not in supported]
+    if missing:
+        raise ValueError(f"{backend} kernels do not implement {', '.join(missing)} (they implement "
+                         f"{', '.join(supported) or 'none of the variants'}): use the reference step")
+
+
 class Choice(NamedTuple):
     """The backend in use and, when another one was asked for or would have been faster, why not."""
 
@@ -93,21 +131,24 @@ class Saved(NamedTuple):
 class Kernels(Protocol):
     """The kernel set of a fast backend (module-level functions; shapes as in dnc_lab.memory).
 
-    - ``memory_forward(raw, state, out=None) -> (outputs, Saved)``: raw interface [B, S]
+    Every memory kernel takes ``variants`` (a :class:`Variants`, default ``PLAIN``) and refuses, with
+    a ValueError, variants not in its module's ``SUPPORTED_VARIANTS``.
+
+    - ``memory_forward(raw, state, out=None, variants=PLAIN) -> (outputs, Saved)``: raw interface [B, S]
       (fields in ``memory.interface_sizes`` order, before their nonlinearities), state: the six
       tensors of ``memory.STATE_KEYS`` (link [B, 1, N, N]); outputs: reads [B, R, W] and the six
       new state tensors. ``out`` (optional, entries may be None) gives contiguous tensors to write
       the seven outputs and then the extra tensors into, so a caller can keep them in its own
       buffers without a copy. No autograd.
-    - ``memory_backward(saved, grads, results=None) -> 7 tensors``: gradients of raw and the six
+    - ``memory_backward(saved, grads, results=None, variants=PLAIN) -> 7 tensors``: gradients of raw and the six
       state tensors from those of the seven outputs. The six state gradients may be written over
       the very tensors passed in ``grads``.
     - ``link_forward(prev_link, prev_precedence, write_weights, out) -> out``: L_t alone, bit-equal
       to the one ``memory_forward`` computes.
     - ``lstm_forward(gates, c_prev, act, c, tanh_c) -> h`` and ``lstm_backward(act, c_prev, tanh_c,
       grad_h, grad_c, grad_gates) -> grad_c_prev``: the LSTM cell after its matrix products.
-    - ``memory_step(raw, state) -> (reads, new_state)``: the step with autograd.
-    - ``extra_shapes(batch, cells, width, reads, dtype) -> [(shape, dtype), ...]``: the shapes of
+    - ``memory_step(raw, state, variants=PLAIN) -> (reads, new_state)``: the step with autograd.
+    - ``extra_shapes(batch, cells, width, reads, dtype, variants=PLAIN) -> [(shape, dtype), ...]``: the shapes of
       ``Saved.extra`` for one step (the sequence operator's fake implementation needs them).
     - ``unsupported(config, device, dtype) -> str | None`` and ``available() -> (bool, reason)``.
     - ``NAME`` (its key in ``MODULES``) and ``SUPPORTED_VARIANTS`` (names from ``VARIANTS``).
@@ -157,7 +198,7 @@ def _why_not(name: str, config, device: torch.device, dtype: torch.dtype, debug:
         module = load(name)
     except ImportError as error:
         return f"it cannot be imported ({error})"
-    variants = [v for v in VARIANTS if getattr(config, v, False) and v not in module.SUPPORTED_VARIANTS]
+    variants = [v for v in Variants.of(config).names() if v not in module.SUPPORTED_VARIANTS]
     if variants:
         return f"its kernels do not implement {', '.join(variants)}"
     why = module.unsupported(config, device, dtype)

@@ -47,7 +47,7 @@ from typing import Optional
 
 import torch
 
-from dnc_lab.backends import Saved
+from dnc_lab.backends import PLAIN, Saved, Variants, check_variants
 
 SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-fPIC", "-shared", "-fopenmp"]
@@ -233,7 +233,8 @@ def check_step(raw: torch.Tensor, state: list[torch.Tensor], device_type: str = 
     return b, n, w, r
 
 
-def extra_shapes(batch: int, cells: int, width: int, reads: int, dtype: torch.dtype) -> list[tuple[tuple, torch.dtype]]:
+def extra_shapes(batch: int, cells: int, width: int, reads: int, dtype: torch.dtype, variants: Variants = PLAIN
+                 ) -> list[tuple[tuple, torch.dtype]]:
     """Shapes and dtypes of ``Saved.extra`` for one step: the aux floats and the allocation's sort order."""
     return [((batch, aux_size(cells, width, reads)), dtype), ((batch, cells), torch.int32)]
 
@@ -272,8 +273,8 @@ def _threads(batch: int, cells: int, width: int, heads: int) -> int:
 # ---- The kernel set (dnc_lab.backends.Kernels), without autograd ---------------------------------
 
 
-def memory_forward(raw: torch.Tensor, state: list[torch.Tensor], out: Optional[list] = None, trusted: bool = False
-                   ) -> tuple[list[torch.Tensor], Saved]:
+def memory_forward(raw: torch.Tensor, state: list[torch.Tensor], out: Optional[list] = None, trusted: bool = False,
+                   variants: Variants = PLAIN) -> tuple[list[torch.Tensor], Saved]:
     """raw [B, S], state (memory, link, precedence, read weights, write weights, usage) ->
     (outputs: reads [B, R, W] and the six new state tensors, saved: what ``memory_backward`` needs).
 
@@ -282,6 +283,8 @@ def memory_forward(raw: torch.Tensor, state: list[torch.Tensor], out: Optional[l
     trusted: skip the checks, for a caller that checked the first step of a sequence and made every
     later buffer itself (sequence.py): at small sizes the checks cost as much as the kernel.
     """
+    if not trusted:
+        check_variants(NAME, SUPPORTED_VARIANTS, variants)
     b, n, w, r = _dims(state) if trusted else check_step(raw, state)
     inputs = [t.contiguous() for t in (raw, *state)]
     shapes = [((b, r, w), raw.dtype), *((shape, raw.dtype) for shape in state_shapes(b, n, w, r)),
@@ -299,7 +302,7 @@ def memory_forward(raw: torch.Tensor, state: list[torch.Tensor], out: Optional[l
 
 
 def memory_backward(saved: Saved, grads: list[torch.Tensor], results: Optional[list[torch.Tensor]] = None,
-                    trusted: bool = False) -> list[torch.Tensor]:
+                    trusted: bool = False, variants: Variants = PLAIN) -> list[torch.Tensor]:
     """saved (from ``memory_forward``), grads of its seven outputs -> grads of raw and the six state tensors.
 
     results: seven contiguous tensors to write them to (shaped like raw and the state); new ones if None.
@@ -311,6 +314,7 @@ def memory_backward(saved: Saved, grads: list[torch.Tensor], results: Optional[l
     if trusted:
         b, n, w, r = _dims(inputs[1:])
     else:
+        check_variants(NAME, SUPPORTED_VARIANTS, variants)
         b, n, w, r = check_step(inputs[0], inputs[1:])
         grads = _checked_grads(grads, inputs[1].dtype, [(b, r, w), *state_shapes(b, n, w, r)])
         if results is not None:
@@ -411,37 +415,47 @@ def exp(x: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("dnc_lab::native_memory_step", mutates_args=())
 def _step_op(raw: torch.Tensor, memory: torch.Tensor, link: torch.Tensor, precedence: torch.Tensor,
-             read_weights: torch.Tensor, write_weights: torch.Tensor, usage: torch.Tensor) -> list[torch.Tensor]:
-    """(raw, six state tensors) -> [reads, six new state tensors, aux, order] (the last two for backward)."""
-    outputs, saved = memory_forward(raw, [memory, link, precedence, read_weights, write_weights, usage])
+             read_weights: torch.Tensor, write_weights: torch.Tensor, usage: torch.Tensor, masked_lookup: bool,
+             mask_min: float, deallocation: bool, link_sharpness: bool) -> list[torch.Tensor]:
+    """(raw, six state tensors, the Variants' four fields) -> [reads, six new state tensors, the extra tensors]
+    (the extra ones for backward)."""
+    variants = Variants(masked_lookup, mask_min, deallocation, link_sharpness)
+    outputs, saved = memory_forward(raw, [memory, link, precedence, read_weights, write_weights, usage],
+                                    variants=variants)
     return [*outputs, *saved.extra]
 
 
 @_step_op.register_fake
-def _step_fake(raw, memory, link, precedence, read_weights, write_weights, usage):
+def _step_fake(raw, memory, link, precedence, read_weights, write_weights, usage, masked_lookup, mask_min,
+               deallocation, link_sharpness):
     state = [memory, link, precedence, read_weights, write_weights, usage]
     b, n, w, r = check_step(raw, state, device_type=raw.device.type)
+    variants = Variants(masked_lookup, mask_min, deallocation, link_sharpness)
     new = memory.new_empty
-    return [new(b, r, w), *(new(shape) for shape in state_shapes(b, n, w, r)), new(b, aux_size(n, w, r)),
-            memory.new_empty(b, n, dtype=torch.int32)]
+    return [new(b, r, w), *(new(shape) for shape in state_shapes(b, n, w, r)),
+            *(new(shape, dtype=dtype) for shape, dtype in extra_shapes(b, n, w, r, raw.dtype, variants))]
 
 
 @torch.library.custom_op("dnc_lab::native_memory_step_backward", mutates_args=())
-def _step_backward_op(saved: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    """(the forward's saved tensors, gradients of its seven outputs) -> gradients of its seven inputs."""
-    return memory_backward(Saved.from_tensors(saved), grads)
+def _step_backward_op(saved: list[torch.Tensor], grads: list[torch.Tensor], masked_lookup: bool, mask_min: float,
+                      deallocation: bool, link_sharpness: bool) -> list[torch.Tensor]:
+    """(the forward's saved tensors, gradients of its seven outputs, the Variants' fields) -> gradients of its
+    seven inputs."""
+    variants = Variants(masked_lookup, mask_min, deallocation, link_sharpness)
+    return memory_backward(Saved.from_tensors(saved), grads, variants=variants)
 
 
 @_step_backward_op.register_fake
-def _step_backward_fake(saved, grads):
+def _step_backward_fake(saved, grads, masked_lookup, mask_min, deallocation, link_sharpness):
     return [torch.empty_like(t) for t in saved[:7]]
 
 
 def _step_setup_context(ctx, inputs, output):
-    reads, memory, link, precedence, read_weights, write_weights, usage, aux, order = output
-    ctx.mark_non_differentiable(aux, order)
-    ctx.set_materialize_grads(False)  # no zero gradients made for aux and order (backward fills in what it needs)
-    ctx.save_for_backward(*inputs, memory, read_weights, write_weights, aux, order)
+    reads, memory, link, precedence, read_weights, write_weights, usage, *extra = output
+    ctx.variants = Variants(*inputs[7:])
+    ctx.mark_non_differentiable(*extra)
+    ctx.set_materialize_grads(False)  # no zero gradients made for the extra tensors (backward fills in what it needs)
+    ctx.save_for_backward(*inputs[:7], memory, read_weights, write_weights, *extra)
 
 
 def _step_backward(ctx, grads):
@@ -451,13 +465,14 @@ def _step_backward(ctx, grads):
     shapes = [(b, r, w), *state_shapes(b, n, w, r)]
     # An output that did not reach the loss has no gradient: zeros of its shape.
     grads = [g if g is not None else saved[1].new_zeros(shape) for g, shape in zip(grads[:7], shapes)]
-    return tuple(_step_backward_op(saved, grads))
+    return (*_step_backward_op(saved, grads, *ctx.variants), None, None, None, None)
 
 
 _step_op.register_autograd(_step_backward, setup_context=_step_setup_context)
 
 
-def memory_step(raw_interface: torch.Tensor, state: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def memory_step(raw_interface: torch.Tensor, state: list[torch.Tensor], variants: Variants = PLAIN
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One memory step from the raw interface vector, with autograd: (read vectors [B, R, W], new state).
 
     raw_interface [B, S], the fields in ``memory.interface_sizes`` order, before their
@@ -465,7 +480,7 @@ def memory_step(raw_interface: torch.Tensor, state: list[torch.Tensor]) -> tuple
     [B, 1, N, N]), and the new state in the same order. Its backward is not itself differentiable:
     double backward is refused.
     """
-    reads, *new_state = _step_op(raw_interface, *state)[:7]
+    reads, *new_state = _step_op(raw_interface, *state, *variants)[:7]
     return reads, new_state
 
 

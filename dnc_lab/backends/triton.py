@@ -107,7 +107,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from dnc_lab.backends import Saved
+from dnc_lab.backends import PLAIN, Saved, Variants, check_variants
 
 try:
     import triton
@@ -173,7 +173,8 @@ def unsupported(config, device: torch.device, dtype: torch.dtype) -> Optional[st
     return None
 
 
-def extra_shapes(batch: int, cells: int, width: int, reads: int, dtype: torch.dtype) -> list[tuple[tuple, torch.dtype]]:
+def extra_shapes(batch: int, cells: int, width: int, reads: int, dtype: torch.dtype, variants: Variants = PLAIN
+                 ) -> list[tuple[tuple, torch.dtype]]:
     """Shapes and dtypes of ``Saved.extra`` for one step: the values kept per batch element, the allocation ranks."""
     return [((batch, _kept_layout(cells, reads).size), dtype), ((batch, cells), torch.int32)]
 
@@ -893,8 +894,8 @@ def _contiguous(tensors) -> list[torch.Tensor]:
     return [t if t.is_contiguous() else t.contiguous() for t in tensors]
 
 
-def memory_forward(raw: torch.Tensor, state: list[torch.Tensor], out: Optional[list] = None, trusted: bool = False
-                   ) -> tuple[list[torch.Tensor], Saved]:
+def memory_forward(raw: torch.Tensor, state: list[torch.Tensor], out: Optional[list] = None, trusted: bool = False,
+                   variants: Variants = PLAIN) -> tuple[list[torch.Tensor], Saved]:
     """raw [B, S], state (memory, link, precedence, read weights, write weights, usage) ->
     (outputs: reads [B, R, W] and the six new state tensors, saved: what ``memory_backward`` needs).
 
@@ -904,6 +905,8 @@ def memory_forward(raw: torch.Tensor, state: list[torch.Tensor], out: Optional[l
     trusted: skip the checks, for a caller that checked the first step of a sequence and made every
     later buffer itself (sequence.py).
     """
+    if not trusted:
+        check_variants(NAME, SUPPORTED_VARIANTS, variants)
     b, n, w, r = (*state[0].shape, state[3].shape[1]) if trusted else _check_step(raw, state)
     memory = state[0]
     shapes = [(b, r, w), (b, n, w), (b, 1, n, n), (b, 1, n), (b, r, n), (b, 1, n), (b, n)]
@@ -940,7 +943,7 @@ def memory_forward(raw: torch.Tensor, state: list[torch.Tensor], out: Optional[l
 
 
 def memory_backward(saved: Saved, grads: list[torch.Tensor], results: Optional[list[torch.Tensor]] = None,
-                    trusted: bool = False) -> list[torch.Tensor]:
+                    trusted: bool = False, variants: Variants = PLAIN) -> list[torch.Tensor]:
     """saved (from ``memory_forward``), grads of its seven outputs -> grads of raw and the six state tensors.
 
     results: seven contiguous tensors to write them to (shaped like raw and the state); new ones if None.
@@ -950,6 +953,8 @@ def memory_backward(saved: Saved, grads: list[torch.Tensor], results: Optional[l
     raw, memory_prev, link_prev, precedence_prev, read_prev, write_prev, usage_prev = saved[:7]
     memory, read_new, write_new = saved.new_memory, saved.new_read_weights, saved.new_write_weights
     aux, rank = saved.extra
+    if not trusted:
+        check_variants(NAME, SUPPORTED_VARIANTS, variants)
     b, n, w, r = (*memory_prev.shape, read_prev.shape[1]) if trusted else _check_step(raw, list(saved[1:7]))
     if not trusted and len(grads) != 7:
         raise ValueError(f"Triton memory backward: expected 7 gradients (reads and the six state tensors), "
@@ -1050,26 +1055,28 @@ class _MemoryStep(torch.autograd.Function):
     """(raw interface [B, S], the six state tensors) -> (reads [B, R, W], the six new state tensors)."""
 
     @staticmethod
-    def forward(ctx, raw, *state):
-        outputs, saved = memory_forward(raw, list(state))
+    def forward(ctx, variants, raw, *state):
+        outputs, saved = memory_forward(raw, list(state), variants=variants)
+        ctx.variants = variants
         ctx.save_for_backward(*saved.tensors())
         return tuple(outputs)
 
     @staticmethod
     @once_differentiable  # the backward kernels are not themselves differentiable: refuse double backward
     def backward(ctx, *grads):
-        return tuple(memory_backward(Saved.from_tensors(ctx.saved_tensors), list(grads)))
+        return (None, *memory_backward(Saved.from_tensors(ctx.saved_tensors), list(grads), variants=ctx.variants))
 
 
 @torch.compiler.disable
-def memory_step(raw_interface: torch.Tensor, state: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def memory_step(raw_interface: torch.Tensor, state: list[torch.Tensor], variants: Variants = PLAIN
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One memory step from the raw interface vector, with autograd: (read vectors [B, R, W], new state).
 
     raw_interface [B, S], the fields in ``memory.interface_sizes`` order, before their nonlinearities; state:
     the six state tensors in ``memory.STATE_KEYS`` order (link_matrix [B, 1, N, N]), and the new state in the
     same order.
     """
-    reads, *new_state = _MemoryStep.apply(raw_interface, *state)
+    reads, *new_state = _MemoryStep.apply(variants, raw_interface, *state)
     return reads, new_state
 
 
