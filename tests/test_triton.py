@@ -30,7 +30,7 @@ except ImportError:
 
 from dnc_lab import memory as M
 from dnc_lab import sequence
-from dnc_lab.backends import native
+from dnc_lab.backends import PLAIN, Variants, native
 from dnc_lab.backends import triton as kernels
 
 TOL = dict(rtol=1e-9, atol=1e-11)
@@ -50,8 +50,8 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(kernels, "TILE_ELEMENTS", 64)
 
 
-def interface_width(width, heads):
-    return sum(M.interface_sizes(width, heads, 1).values())
+def interface_width(width, heads, variants=PLAIN):
+    return sum(M.interface_sizes(width, heads, 1, variants.masked_lookup, variants.link_sharpness).values())
 
 
 def random_state(batch, cells, width, heads, dtype=torch.float64, generator=None, device="cpu"):
@@ -74,15 +74,16 @@ def empty_state(batch, cells, width, heads, dtype=torch.float64, device="cpu"):
     return [state[key] for key in M.STATE_KEYS]
 
 
-def reference_step(raw, state, width, heads):
+def reference_step(raw, state, width, heads, variants=PLAIN):
     """The specification: memory.memory_step of parse_interface(raw), outputs as memory_forward's."""
-    sizes = M.interface_sizes(width, heads, 1)
+    sizes = M.interface_sizes(width, heads, 1, variants.masked_lookup, variants.link_sharpness)
     fields = dict(zip(sizes, torch.split(raw, list(sizes.values()), dim=-1)))
-    reads, new = M.memory_step(dict(zip(M.STATE_KEYS, state)), M.parse_interface(fields, width, heads, 1))
+    interface = M.parse_interface(fields, width, heads, 1, variants.mask_min)
+    reads, new = M.memory_step(dict(zip(M.STATE_KEYS, state)), interface, variants.deallocation)
     return [reads] + [new[key] for key in M.STATE_KEYS]
 
 
-def run_both(raws, state, width, heads, generator, device="cpu"):
+def run_both(raws, state, width, heads, generator, device="cpu", variants=PLAIN):
     """A sequence of steps through the reference (autograd) and through the kernels (memory_backward stepping
     back through time with one reused set of state-gradient buffers, as sequence.py does).
 
@@ -94,7 +95,7 @@ def run_both(raws, state, width, heads, generator, device="cpu"):
     raw_ref, state_ref = leaves[:len(raws)], leaves[len(raws):]
     outs_ref, current = [], state_ref
     for raw in raw_ref:
-        out = reference_step(raw, current, width, heads)
+        out = reference_step(raw, current, width, heads, variants)
         outs_ref.append(out)
         current = out[1:]
     # Drawn in float64 whatever the dtype, so that a float32 run gets the same numbers, rounded.
@@ -108,7 +109,7 @@ def run_both(raws, state, width, heads, generator, device="cpu"):
     to = lambda t: t.detach().to(device)  # noqa: E731
     outs, kepts, current = [], [], [to(s) for s in state]
     for raw in raws:
-        out, kept = kernels.memory_forward(to(raw), current)
+        out, kept = kernels.memory_forward(to(raw), current, variants=variants)
         outs.append(out)
         kepts.append(kept)
         current = out[1:]
@@ -118,7 +119,7 @@ def run_both(raws, state, width, heads, generator, device="cpu"):
     grad_raws = [None] * len(raws)
     for t in reversed(range(len(raws))):
         results = [torch.full_like(kepts[t][0], float("nan"))] + spare
-        step = kernels.memory_backward(kepts[t], [to(grads_reads[t])] + grad_state, results)
+        step = kernels.memory_backward(kepts[t], [to(grads_reads[t])] + grad_state, results, variants=variants)
         grad_raws[t] = step[0]
         grad_state, spare = step[1:], grad_state  # results written over the grads they read, the next step's turn
     grads = grad_raws + grad_state
@@ -137,17 +138,18 @@ def assert_match(reference, fast, tol):
         torch.testing.assert_close(a.cpu().to(b.dtype), b, **tol, msg=lambda m: f"{what}: {m}")
 
 
-def compare(batch, cells, width, heads, steps, seed, dtype=torch.float64, empty=False, tol=TOL, device="cpu"):
+def compare(batch, cells, width, heads, steps, seed, dtype=torch.float64, empty=False, tol=TOL, device="cpu",
+            variants=PLAIN):
     g = torch.Generator().manual_seed(seed)
-    size = interface_width(width, heads)
+    size = interface_width(width, heads, variants)
     raws = [3 * torch.randn(batch, size, generator=g, dtype=dtype) for _ in range(steps)]
     state = empty_state(batch, cells, width, heads, dtype) if empty else random_state(batch, cells, width, heads, dtype, g)
     if dtype == torch.float32:  # the reference in float64, the kernels in float32
         reference, _ = run_both([r.double() for r in raws], [s.double() for s in state], width, heads,
-                                torch.Generator().manual_seed(seed))
-        _, fast = run_both(raws, state, width, heads, torch.Generator().manual_seed(seed), device)
+                                torch.Generator().manual_seed(seed), variants=variants)
+        _, fast = run_both(raws, state, width, heads, torch.Generator().manual_seed(seed), device, variants)
     else:
-        reference, fast = run_both(raws, state, width, heads, g, device)
+        reference, fast = run_both(raws, state, width, heads, g, device, variants)
     assert_match(reference, fast, tol)
 
 
@@ -272,6 +274,38 @@ def test_no_kernel_reads_what_no_kernel_wrote(small_tiles, monkeypatch):
         assert torch.equal(a, b)
 
 
+# ---- Csordás & Schmidhuber's variants (ICLR 2019) -------------------------------------------------------------
+
+VARIANTS = {
+    "link_sharpness": Variants(link_sharpness=True),
+    "deallocation": Variants(deallocation=True),
+    "all": Variants(deallocation=True, link_sharpness=True),
+}
+VARIANT_IDS = list(VARIANTS)
+
+
+@interpreted
+@pytest.mark.parametrize("name", VARIANT_IDS)
+@pytest.mark.parametrize("batch, cells, width, heads, steps", [(1, 1, 3, 1, 2), (2, 5, 4, 3, 3), (2, 16, 3, 1, 2)])
+def test_variant_steps_match_reference(name, batch, cells, width, heads, steps):
+    """Each variant alone and all together, values and gradients (the new interface fields' and the initial
+    state's too); and still three launches forward and three backward a step: the variants add no kernel."""
+    before = kernels.LAUNCHES.copy()
+    compare(batch, cells, width, heads, steps, seed=10 * cells + heads, variants=VARIANTS[name])
+    launched = kernels.LAUNCHES - before
+    assert dict(launched) == {name: steps for name in ("_write_kernel", "_link_kernel", "_read_kernel",
+                                                        "_read_backward_kernel", "_link_backward_kernel",
+                                                        "_write_backward_kernel")}
+
+
+@interpreted
+@pytest.mark.parametrize("name", VARIANT_IDS)
+def test_variants_on_empty_memory_match_reference(name):
+    """An empty memory: the first step's forward and backward weightings are 0 everywhere, which sharpening makes
+    uniform (1/N); masked cosines of zero rows; ψ of zero read weights."""
+    compare(2, 6, 4, 2, 3, seed=6, empty=True, variants=VARIANTS[name])
+
+
 # ---- The LSTM cell's element-wise part ------------------------------------------------------------------------
 
 def lstm_reference(gates, c_prev):
@@ -368,9 +402,15 @@ def dnc_loss(output, hx):
             + sum(0.1 * (i + 1) * memory[key].sin().sum() for i, key in enumerate(M.STATE_KEYS)))
 
 
+# The DNC keywords of every variant these kernels implement.
+VARIANT_KWARGS = dict(deallocation=True, link_sharpness=True)
+
+
 @interpreted
-@pytest.mark.parametrize("kwargs", [dict(num_hidden_layers=2, checkpoint_steps=2), dict(rnn_type="gru")],
-                         ids=["lstm-whole-sequence-checkpointed", "gru-per-step-memory_step"])
+@pytest.mark.parametrize("kwargs", [dict(num_hidden_layers=2, checkpoint_steps=2), dict(rnn_type="gru"),
+                                    dict(checkpoint_steps=2, **VARIANT_KWARGS), dict(rnn_type="gru", **VARIANT_KWARGS)],
+                         ids=["lstm-whole-sequence-checkpointed", "gru-per-step-memory_step", "lstm-variants",
+                              "gru-variants"])
 def test_dnc_on_triton_matches_reference(kwargs):
     """DNC(backend="triton"): the LSTM runs the whole sequence in sequence.py on these kernels, the GRU steps
     through ``memory_step`` (autograd); both equal the reference DNC, values and gradients."""
@@ -390,6 +430,18 @@ def test_dnc_on_triton_matches_reference(kwargs):
     dnc_loss(out, hx).backward()
     for (name, p_ref), p in zip(reference.named_parameters(), fast.parameters()):
         torch.testing.assert_close(p.grad, p_ref.grad, **TOL, msg=name)
+
+
+@interpreted
+def test_choose_takes_triton_for_the_variants(monkeypatch):
+    """A model with the variants runs on these kernels when asked for them, and ``auto`` on a GPU takes them."""
+    from dnc_lab import backends
+    from dnc_lab.dnc import DNC
+
+    monkeypatch.setattr(backends, "_said", set())
+    config = DNC(3, 6, nr_cells=5, cell_size=3, read_heads=2, backend="reference", **VARIANT_KWARGS).core_config
+    assert backends.choose("triton", config, torch.device("cpu"), torch.float64) == backends.Choice("triton")
+    assert backends.choose("auto", config, torch.device("cuda"), torch.float32) == backends.Choice("triton")
 
 
 # ---- Clear errors ----------------------------------------------------------------------------------------------

@@ -108,6 +108,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from dnc_lab.backends import PLAIN, Saved, Variants, check_variants
+from dnc_lab.memory import interface_sizes
 
 try:
     import triton
@@ -159,7 +160,7 @@ def _empty(like: torch.Tensor, *shape: int, dtype: Optional[torch.dtype] = None)
 
 
 NAME = "triton"  # its key in dnc_lab.backends.MODULES
-SUPPORTED_VARIANTS: tuple = ()  # none of dnc_lab.backends.VARIANTS
+SUPPORTED_VARIANTS: tuple = ("deallocation", "link_sharpness")  # of dnc_lab.backends.VARIANTS
 
 
 def unsupported(config, device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -176,7 +177,8 @@ def unsupported(config, device: torch.device, dtype: torch.dtype) -> Optional[st
 def extra_shapes(batch: int, cells: int, width: int, reads: int, dtype: torch.dtype, variants: Variants = PLAIN
                  ) -> list[tuple[tuple, torch.dtype]]:
     """Shapes and dtypes of ``Saved.extra`` for one step: the values kept per batch element, the allocation ranks."""
-    return [((batch, _kept_layout(cells, reads).size), dtype), ((batch, cells), torch.int32)]
+    return [((batch, _kept_layout(cells, reads, variants.masked_lookup, variants.deallocation).size), dtype),
+            ((batch, cells), torch.int32)]
 
 
 def _check(device: torch.device, dtype: torch.dtype) -> None:
@@ -192,9 +194,14 @@ def _check(device: torch.device, dtype: torch.dtype) -> None:
 _STATE_NAMES = ("memory", "link_matrix", "precedence", "read_weights", "write_weights", "usage_vector")
 
 
-def _check_step(raw: torch.Tensor, state: list[torch.Tensor]) -> tuple[int, int, int, int]:
+def _interface_width(width: int, reads: int, variants: Variants) -> int:
+    """S, the raw interface's width for one write head: the paper's fields, then the variants' (memory.interface_sizes)."""
+    return sum(interface_sizes(width, reads, 1, variants.masked_lookup, variants.link_sharpness).values())
+
+
+def _check_step(raw: torch.Tensor, state: list[torch.Tensor], variants: Variants) -> tuple[int, int, int, int]:
     """Raise unless raw [B, S] and the six state tensors share one device and dtype and have consistent shapes
-    for one write head. Returns (B, N, W, R)."""
+    for one write head (and S holds the variants' fields). Returns (B, N, W, R)."""
     if len(state) != 6:
         raise ValueError(f"Triton memory step: expected the six state tensors {list(_STATE_NAMES)}, got {len(state)}")
     memory, link, read_weights = state[0], state[1], state[3]
@@ -212,10 +219,11 @@ def _check_step(raw: torch.Tensor, state: list[torch.Tensor]) -> tuple[int, int,
         if tuple(tensor.shape) != shape or tensor.dtype != memory.dtype or tensor.device != memory.device:
             raise ValueError(f"Triton memory step: {name} is {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}, "
                              f"expected {memory.dtype} {list(shape)} on {memory.device} (B={b}, N={n}, W={w}, R={r})")
-    size = r * w + 3 * w + 5 * r + 3
+    size = _interface_width(w, r, variants)
     if tuple(raw.shape) != (b, size) or raw.dtype != memory.dtype or raw.device != memory.device:
         raise ValueError(f"Triton memory step: the raw interface is {raw.dtype} {tuple(raw.shape)} on {raw.device}, "
-                         f"expected {memory.dtype} [{b}, {size}] on {memory.device} (for N={n}, W={w}, R={r})")
+                         f"expected {memory.dtype} [{b}, {size}] on {memory.device} (for N={n}, W={w}, R={r}"
+                         f"{''.join(', ' + v for v in variants.names())})")
     return b, n, w, r
 
 
@@ -266,18 +274,33 @@ class _Layout:
 
 
 @functools.lru_cache(maxsize=None)
-def _kept_layout(n: int, r: int) -> _Layout:
-    """What forward keeps for backward (``Saved.extra[0]``), per batch element."""
+def _kept_layout(n: int, r: int, masked: bool = False, deallocation: bool = False) -> _Layout:
+    """What forward keeps for backward (``Saved.extra[0]``), per batch element.
+
+    The plain DNC's layout, except: with masked lookup each read head sees its own masked norm of every cell
+    (new_norms [R, N], not [N]; prev_norms and key_norms are the masked ones); with de-allocation the retention
+    vector ψ is kept. The forward and backward weightings are kept before sharpening (backward recomputes it).
+    """
+    extra = {"retention": n} if deallocation else {}
     return _Layout(write_content=n, write_cosine=n, prev_norms=n, allocation=n, sorted_usage=n, before=n,
-                   new_norms=n, scratch=n, forward=r * n, backward=r * n, read_content=r * n, read_cosine=r * n,
-                   key_norms=r + 1)
+                   new_norms=r * n if masked else n, scratch=n, forward=r * n, backward=r * n, read_content=r * n,
+                   read_cosine=r * n, key_norms=r + 1, **extra)
 
 
 @functools.lru_cache(maxsize=None)
-def _work_layout(n: int, r: int) -> _Layout:
-    """Backward's scratch, per batch element."""
+def _work_layout(n: int, r: int, deallocation: bool = False) -> _Layout:
+    """Backward's scratch, per batch element (with de-allocation: the memory's share of dLoss/dψ)."""
+    extra = {"grad_retention": n} if deallocation else {}
     return _Layout(grad_read=r * n, grad_forward=r * n, grad_backward=r * n, coef_a=r * n, coef_b=r * n,
-                   grad_ww_memory=n, link_ww=n, link_wr=r * n, sorted_a=n, sorted_b=n, coef_wa=n, coef_wb=n)
+                   grad_ww_memory=n, link_ww=n, link_wr=r * n, sorted_a=n, sorted_b=n, coef_wa=n, coef_wb=n, **extra)
+
+
+def _flags(variants: Variants) -> dict:
+    """The variants as the memory kernels' compile-time flags: each flag's code exists only in the kernels compiled
+    with it, so the plain DNC's kernels are the ones without any. (mask_min is a constexpr too: as a run-time float
+    argument Triton would pass it as a float32, which would round it in the float64 kernels.)"""
+    return dict(MASKED=variants.masked_lookup, MASK_MIN=float(variants.mask_min) if variants.masked_lookup else 0.0,
+                DEALLOC=variants.deallocation, SHARP=variants.link_sharpness)
 
 
 def _warps(blocks: _Blocks) -> int:
@@ -354,15 +377,36 @@ if triton is not None:
         return z0 / total, z1 / total, z2 / total
 
     @triton.jit
+    def _sharpen(d, s, valid):
+        """addressing.sharpen of each row of d [BLOCK_R, BLOCK_N] with exponent s [BLOCK_R]: S = P / ΣP,
+        P = (x / max x)^s, x = d + ε. Returns S (0 off ``valid``), log(x / max x) and x (1 off ``valid``), what
+        ``_sharpen_backward`` needs. Dividing by the maximum only keeps P in (0, 1]; S does not depend on it."""
+        x = tl.where(valid, d + EPSILON, 1.0)
+        top = tl.max(tl.where(valid, x, 0.0), 1)
+        top = tl.where(top > 0, top, 1.0)  # a padding head (no valid lane): anything finite
+        log_scaled = tl.log(x / top[:, None])
+        powered = tl.where(valid, tl.exp(s[:, None] * log_scaled), 0.0)
+        total = tl.sum(powered, 1)
+        return powered / tl.where(total > 0, total, 1.0)[:, None], log_scaled, x
+
+    @triton.jit
+    def _sharpen_backward(grad, sharp, log_scaled, x, s):
+        """dLoss/dd and dLoss/ds of S = _sharpen(d, s) from G = dLoss/dS. With C = S ∘ (G - <G, S>):
+        dd = s C / x and ds = Σ C log(x / max x) (the maximum's share, log max Σ C, is 0: Σ C = 0)."""
+        centred = sharp * (grad - tl.sum(grad * sharp, 1)[:, None])
+        return s[:, None] * centred / x, tl.sum(centred * log_scaled, 1)
+
+    @triton.jit
     def _write_kernel(raw, memory_prev, precedence_prev, read_prev, write_prev, usage_prev,
                       memory, precedence, write_weights, usage,
                       write_content, write_cosine, prev_norms, allocation, sorted_usage, before, new_norms, scratch,
-                      read_content, read_cosine, key_norms, rank, aux_stride,
+                      read_content, read_cosine, key_norms, kept_retention, rank, aux_stride,
                       N: tl.constexpr, W: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr, RANK: tl.constexpr):
+                      BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr, RANK: tl.constexpr,
+                      MASKED: tl.constexpr, MASK_MIN: tl.constexpr, DEALLOC: tl.constexpr, SHARP: tl.constexpr):
         """Everything of a step up to M_t: usage, write lookup, allocation, write weights, precedence, erase and
         write; then the read content lookups on M_t. One program per batch element."""
-        S: tl.constexpr = R * W + 3 * W + 5 * R + 3
+        S: tl.constexpr = R * W + 3 * W + 5 * R + 3 + MASKED * (R * W + W) + SHARP * 2 * R
         KEY_W: tl.constexpr = R * W + R
         b = tl.program_id(0).to(tl.int64)
         xi = raw + b * S
@@ -392,6 +436,8 @@ if triton is not None:
         ww_prev = tl.load(write_prev + b * N + cells, mask=in_n, other=0.0)
         u = (u_prev + ww_prev - u_prev * ww_prev) * retention
         tl.store(usage + b * N + cells, u, mask=in_n)
+        if DEALLOC:  # ψ again below, row by row (and in backward)
+            tl.store(kept_retention + aux + cells, retention, mask=in_n)
 
         # Write content lookup on M_{t-1}: cosines tile by tile, then the softmax over all cells.
         key_norm_w = tl.sqrt(tl.sum(write_key * write_key, 0) + EPSILON)
@@ -451,8 +497,10 @@ if triton is not None:
             at = (b * N + rows[:, None]) * W + cols[None, :]
             in_tile = in_rows[:, None] & in_w[None, :]
             w_n = tl.load(write_weights + b * N + rows, mask=in_rows, other=0.0)
-            new = tl.load(memory_prev + at, mask=in_tile, other=0.0) * (1 - w_n[:, None] * erase[None, :]) \
-                + w_n[:, None] * vector[None, :]
+            kept_rows = tl.load(memory_prev + at, mask=in_tile, other=0.0)
+            if DEALLOC:  # M' ∘ ψ 1ᵀ: what the free gates release is erased before the write
+                kept_rows = kept_rows * tl.load(kept_retention + aux + rows, mask=in_rows, other=0.0)[:, None]
+            new = kept_rows * (1 - w_n[:, None] * erase[None, :]) + w_n[:, None] * vector[None, :]
             tl.store(memory + at, new, mask=in_tile)
             norm = tl.sqrt(tl.sum(new * new, 1) + EPSILON)
             tl.store(new_norms + aux + rows, norm, mask=in_rows)
@@ -510,9 +558,10 @@ if triton is not None:
     @triton.jit
     def _read_kernel(raw, memory, forward, backward, read_content, partial, read_weights, reads, aux_stride,
                      N: tl.constexpr, W: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-                     BLOCK_R: tl.constexpr, ROWS: tl.constexpr, LINK: tl.constexpr):
+                     BLOCK_R: tl.constexpr, ROWS: tl.constexpr, LINK: tl.constexpr,
+                     MASKED: tl.constexpr, MASK_MIN: tl.constexpr, DEALLOC: tl.constexpr, SHARP: tl.constexpr):
         """b from the link kernel's partials (in tile order), w^r = π_b b + π_f f + π_c c^r, and r = M_tᵀ w^r."""
-        S: tl.constexpr = R * W + 3 * W + 5 * R + 3
+        S: tl.constexpr = R * W + 3 * W + 5 * R + 3 + MASKED * (R * W + W) + SHARP * 2 * R
         TILES: tl.constexpr = (N + LINK - 1) // LINK
         b = tl.program_id(0).to(tl.int64)
         xi = raw + b * S
@@ -529,6 +578,11 @@ if triton is not None:
             bwd += tl.load(partial + (b * TILES + t) * R * N + at, mask=head_cells, other=0.0)
         tl.store(backward + aux + at, bwd, mask=head_cells)
         fwd = tl.load(forward + aux + at, mask=head_cells, other=0.0)
+        if SHARP:  # f and b sharpened, each read head with its own two exponents; kept unsharpened
+            SHARP_AT: tl.constexpr = R * W + 3 * W + 5 * R + 3 + MASKED * (R * W + W)
+            fwd, _, _ = _sharpen(fwd, 1 + _softplus(tl.load(xi + SHARP_AT + heads, mask=in_r, other=0.0)), head_cells)
+            bwd, _, _ = _sharpen(bwd, 1 + _softplus(tl.load(xi + SHARP_AT + R + heads, mask=in_r, other=0.0)),
+                                 head_cells)
         cr = tl.load(read_content + aux + at, mask=head_cells, other=0.0)
         pb, pf, pc = _modes(xi, heads, in_r, R * W + 3 * W + 2 * R + 3)
         wr = pb[:, None] * bwd + pf[:, None] * fwd + pc[:, None] * cr
@@ -547,14 +601,17 @@ if triton is not None:
 
     @triton.jit
     def _read_backward_kernel(raw, memory_prev, memory, read_weights, write_weights,
-                              forward, backward, read_content, read_cosine, new_norms, key_norms, aux_stride,
-                              grad_reads, grad_memory, grad_read_weights, grad_raw, grad_memory_prev,
-                              grad_read, grad_forward, grad_backward, coef_a, coef_b, grad_ww_memory, work_stride,
+                              forward, backward, read_content, read_cosine, new_norms, key_norms, kept_retention,
+                              aux_stride, grad_reads, grad_memory, grad_read_weights, grad_raw, grad_memory_prev,
+                              grad_read, grad_forward, grad_backward, coef_a, coef_b, grad_ww_memory, grad_retention,
+                              work_stride,
                               N: tl.constexpr, W: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr):
+                              BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr,
+                              MASKED: tl.constexpr, MASK_MIN: tl.constexpr, DEALLOC: tl.constexpr,
+                              SHARP: tl.constexpr):
         """Backward of the reads, read weights, read content lookups and erase-and-write. Writes dM_{t-1} (first
         part), dk^r, dβ^r, dπ, de, dv into grad_raw, and df, db and the memory's share of dw^w to scratch."""
-        S: tl.constexpr = R * W + 3 * W + 5 * R + 3
+        S: tl.constexpr = R * W + 3 * W + 5 * R + 3 + MASKED * (R * W + W) + SHARP * 2 * R
         KEY_W: tl.constexpr = R * W + R
         b = tl.program_id(0).to(tl.int64)
         xi = raw + b * S
@@ -592,9 +649,23 @@ if triton is not None:
         cos = tl.load(read_cosine + aux + at, mask=head_cells, other=0.0)
         MODES: tl.constexpr = R * W + 3 * W + 2 * R + 3
         pb, pf, pc = _modes(xi, heads, in_r, MODES)
+        if SHARP:  # forward's sharpening again, from the unsharpened f and b it kept
+            SHARP_AT: tl.constexpr = R * W + 3 * W + 5 * R + 3 + MASKED * (R * W + W)
+            sharp_f_raw = tl.load(xi + SHARP_AT + heads, mask=in_r, other=0.0)
+            sharp_b_raw = tl.load(xi + SHARP_AT + R + heads, mask=in_r, other=0.0)
+            sharp_f, sharp_b = 1 + _softplus(sharp_f_raw), 1 + _softplus(sharp_b_raw)
+            fwd, log_f, x_f = _sharpen(fwd, sharp_f, head_cells)
+            bwd, log_b, x_b = _sharpen(bwd, sharp_b, head_cells)
         g_pb, g_pf, g_pc = tl.sum(g_wr * bwd, 1), tl.sum(g_wr * fwd, 1), tl.sum(g_wr * cr, 1)
-        tl.store(grad_forward + work + at, pf[:, None] * g_wr, mask=head_cells)
-        tl.store(grad_backward + work + at, pb[:, None] * g_wr, mask=head_cells)
+        g_fwd = pf[:, None] * g_wr
+        g_bwd = pb[:, None] * g_wr
+        if SHARP:
+            g_fwd, g_sharp_f = _sharpen_backward(g_fwd, fwd, log_f, x_f, sharp_f)
+            g_bwd, g_sharp_b = _sharpen_backward(g_bwd, bwd, log_b, x_b, sharp_b)
+            tl.store(gxi + SHARP_AT + heads, g_sharp_f * _softplus_slope(sharp_f_raw), mask=in_r)
+            tl.store(gxi + SHARP_AT + R + heads, g_sharp_b * _softplus_slope(sharp_b_raw), mask=in_r)
+        tl.store(grad_forward + work + at, g_fwd, mask=head_cells)
+        tl.store(grad_backward + work + at, g_bwd, mask=head_cells)
         g_cr = pc[:, None] * g_wr
         g_z = cr * (g_cr - tl.sum(g_cr * cr, 1)[:, None])  # softmax backward
         beta_raw = tl.load(xi + R * W + heads, mask=in_r, other=0.0)
@@ -634,11 +705,19 @@ if triton is not None:
                 + tl.sum(w_r[:, :, None] * grad_r[:, None, :] + a[:, :, None] * keys[:, None, :]
                          - c[:, :, None] * tile[None, :, :], 0)
             g_keys += tl.sum(a[:, :, None] * tile[None, :, :], 1)
-            g_erase -= tl.sum(g_m * prev * w_n[:, None], 0)
+            kept_rows = prev
+            if DEALLOC:  # M_t's erase and write act on M' ∘ ψ 1ᵀ
+                psi = tl.load(kept_retention + aux + rows, mask=in_rows, other=0.0)
+                kept_rows = prev * psi[:, None]
+            g_erase -= tl.sum(g_m * kept_rows * w_n[:, None], 0)
             g_vector += tl.sum(g_m * w_n[:, None], 0)
-            g_ww = tl.sum(g_m * (vector[None, :] - prev * erase[None, :]), 1)
+            g_ww = tl.sum(g_m * (vector[None, :] - kept_rows * erase[None, :]), 1)
+            g_kept = g_m * (1 - w_n[:, None] * erase[None, :])
             tl.debug_barrier()  # every thread has read its grad_memory before any grad_memory_prev (maybe the same) is written
-            tl.store(grad_memory_prev + at_rows, g_m * (1 - w_n[:, None] * erase[None, :]), mask=in_tile)
+            if DEALLOC:  # dψ's share from the memory (the usage's is added by the write backward kernel)
+                tl.store(grad_retention + work + rows, tl.sum(g_kept * prev, 1), mask=in_rows)
+                g_kept = g_kept * psi[:, None]
+            tl.store(grad_memory_prev + at_rows, g_kept, mask=in_tile)
             tl.store(grad_ww_memory + work + rows, g_ww, mask=in_rows)
         g_keys -= c_key[:, None] * keys
 
@@ -712,13 +791,15 @@ if triton is not None:
                                grad_precedence, grad_write_weights, grad_usage,
                                grad_raw, grad_memory_prev, grad_precedence_prev, grad_read_prev, grad_write_prev,
                                grad_usage_prev,
-                               grad_ww_memory, link_ww, link_wr, sorted_a, sorted_b, coef_wa, coef_wb, partial,
-                               work_stride,
+                               grad_ww_memory, grad_retention, link_ww, link_wr, sorted_a, sorted_b, coef_wa, coef_wb,
+                               partial, work_stride,
                                N: tl.constexpr, W: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr, LINK: tl.constexpr):
+                               BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr, LINK: tl.constexpr,
+                               MASKED: tl.constexpr, MASK_MIN: tl.constexpr, DEALLOC: tl.constexpr,
+                               SHARP: tl.constexpr):
         """Backward of precedence, write weights, the write content lookup, allocation and usage; the rest of
         dM_{t-1} and of the interface's gradient."""
-        S: tl.constexpr = R * W + 3 * W + 5 * R + 3
+        S: tl.constexpr = R * W + 3 * W + 5 * R + 3 + MASKED * (R * W + W) + SHARP * 2 * R
         KEY_W: tl.constexpr = R * W + R
         FREE: tl.constexpr = KEY_W + 3 * W + 1
         TILES: tl.constexpr = (N + LINK - 1) // LINK
@@ -806,6 +887,8 @@ if triton is not None:
             retention *= 1 - f_r * tl.load(read_prev + (b * R + r) * N + cells, mask=in_n, other=0.0)
         g_written = g_u * retention
         g_psi = g_u * (u_prev + ww_prev - u_prev * ww_prev)
+        if DEALLOC:  # ψ scaled M' too
+            g_psi += tl.load(grad_retention + work + cells, mask=in_n, other=0.0)
         g_wr = tl.load(link_wr + work + at, mask=head_cells, other=0.0) + col_wr
         g_free = tl.zeros([BLOCK_R], dtype=raw.dtype.element_ty)
         for r in tl.static_range(R):
@@ -907,10 +990,10 @@ def memory_forward(raw: torch.Tensor, state: list[torch.Tensor], out: Optional[l
     """
     if not trusted:
         check_variants(NAME, SUPPORTED_VARIANTS, variants)
-    b, n, w, r = (*state[0].shape, state[3].shape[1]) if trusted else _check_step(raw, state)
+    b, n, w, r = (*state[0].shape, state[3].shape[1]) if trusted else _check_step(raw, state, variants)
     memory = state[0]
     shapes = [(b, r, w), (b, n, w), (b, 1, n, n), (b, 1, n), (b, r, n), (b, 1, n), (b, n)]
-    wanted = [(shape, memory.dtype) for shape in shapes] + extra_shapes(b, n, w, r, memory.dtype)
+    wanted = [(shape, memory.dtype) for shape in shapes] + extra_shapes(b, n, w, r, memory.dtype, variants)
     given = list(out or []) + [None] * (len(wanted) - len(out or []))
     for i, (t, (shape, dtype)) in enumerate(zip(given, wanted)):
         if t is not None and not trusted and (tuple(t.shape) != shape or t.dtype != dtype or t.device != memory.device
@@ -922,8 +1005,9 @@ def memory_forward(raw: torch.Tensor, state: list[torch.Tensor], out: Optional[l
     new = functools.partial(_empty, memory)
     results = [_empty(memory, *shape, dtype=dtype) if t is None else t for t, (shape, dtype) in zip(given, wanted)]
     outputs, (aux, rank) = results[:7], results[7:]
-    layout = _kept_layout(n, r)
+    layout = _kept_layout(n, r, variants.masked_lookup, variants.deallocation)
     views = layout.views(aux)
+    flags = _flags(variants)
     partial = new(b, blocks.link_tiles, r, n)
     warps = _warps(blocks)
     raw_c, memory_prev, link_prev, precedence_prev, read_prev, write_prev, usage_prev = inputs
@@ -932,13 +1016,13 @@ def memory_forward(raw: torch.Tensor, state: list[torch.Tensor], out: Optional[l
             memory_new, precedence_new, write_new, usage_new,
             *(views[k] for k in ("write_content", "write_cosine", "prev_norms", "allocation", "sorted_usage",
                                  "before", "new_norms", "scratch", "read_content", "read_cosine", "key_norms")),
-            rank, aux.stride(0), num_warps=warps,
-            **blocks.meta("N", "W", "R", "BLOCK_N", "BLOCK_W", "BLOCK_R", "ROWS", "RANK"))
+            views.get("retention", aux), rank, aux.stride(0), num_warps=warps,
+            **blocks.meta("N", "W", "R", "BLOCK_N", "BLOCK_W", "BLOCK_R", "ROWS", "RANK"), **flags)
     _launch(_link_kernel, (b, blocks.link_tiles), link_prev, precedence_prev, write_new, read_prev, link_out,
             views["forward"], partial, aux.stride(0), WEIGHTINGS=True, **blocks.meta("N", "R", "BLOCK_R", "LINK"))
     _launch(_read_kernel, (b,), raw_c, memory_new, views["forward"], views["backward"], views["read_content"],
             partial, read_new, reads, aux.stride(0), num_warps=warps,
-            **blocks.meta("N", "W", "R", "BLOCK_N", "BLOCK_W", "BLOCK_R", "ROWS", "LINK"))
+            **blocks.meta("N", "W", "R", "BLOCK_N", "BLOCK_W", "BLOCK_R", "ROWS", "LINK"), **flags)
     return outputs, Saved(*inputs, memory_new, read_new, write_new, (aux, rank))
 
 
@@ -955,7 +1039,7 @@ def memory_backward(saved: Saved, grads: list[torch.Tensor], results: Optional[l
     aux, rank = saved.extra
     if not trusted:
         check_variants(NAME, SUPPORTED_VARIANTS, variants)
-    b, n, w, r = (*memory_prev.shape, read_prev.shape[1]) if trusted else _check_step(raw, list(saved[1:7]))
+    b, n, w, r = (*memory_prev.shape, read_prev.shape[1]) if trusted else _check_step(raw, list(saved[1:7]), variants)
     if not trusted and len(grads) != 7:
         raise ValueError(f"Triton memory backward: expected 7 gradients (reads and the six state tensors), "
                          f"got {len(grads)}")
@@ -971,17 +1055,19 @@ def memory_backward(saved: Saved, grads: list[torch.Tensor], results: Optional[l
         raise ValueError("Triton memory backward: results must be seven contiguous tensors shaped like raw and the state")
     g_raw, g_memory, g_link, g_precedence, g_read, g_write, g_usage = results
     blocks = _blocks(n, w, r)
-    views = _kept_layout(n, r).views(aux)
-    work_layout = _work_layout(n, r)
+    views = _kept_layout(n, r, variants.masked_lookup, variants.deallocation).views(aux)
+    work_layout = _work_layout(n, r, variants.deallocation)
+    flags = _flags(variants)
     work = _empty(memory_prev, b, work_layout.size)
     scratch = work_layout.views(work)
     partial = _empty(memory_prev, b, blocks.link_tiles, r + 2, n)
     warps = _warps(blocks)
     _launch(_read_backward_kernel, (b,), raw, memory_prev, memory, read_new, write_new,
             *(views[k] for k in ("forward", "backward", "read_content", "read_cosine", "new_norms", "key_norms")),
-            aux.stride(0), grad_reads, grad_memory, grad_read, g_raw, g_memory,
+            views.get("retention", aux), aux.stride(0), grad_reads, grad_memory, grad_read, g_raw, g_memory,
             *(scratch[k] for k in ("grad_read", "grad_forward", "grad_backward", "coef_a", "coef_b", "grad_ww_memory")),
-            work.stride(0), num_warps=warps, **blocks.meta("N", "W", "R", "BLOCK_N", "BLOCK_W", "BLOCK_R", "ROWS"))
+            scratch.get("grad_retention", work), work.stride(0), num_warps=warps, **blocks.meta("N", "W", "R", "BLOCK_N", "BLOCK_W", "BLOCK_R", "ROWS"),
+            **flags)
     _launch(_link_backward_kernel, (b, blocks.link_tiles), link_prev, precedence_prev, write_new, read_prev,
             grad_link, scratch["grad_forward"], scratch["grad_backward"], g_link, scratch["link_ww"],
             scratch["link_wr"], partial, work.stride(0), **blocks.meta("N", "R", "BLOCK_R", "LINK"))
@@ -991,10 +1077,10 @@ def memory_backward(saved: Saved, grads: list[torch.Tensor], results: Optional[l
                                  "key_norms")),
             rank, aux.stride(0), grad_precedence, grad_write, grad_usage,
             g_raw, g_memory, g_precedence, g_read, g_write, g_usage,
-            *(scratch[k] for k in ("grad_ww_memory", "link_ww", "link_wr", "sorted_a", "sorted_b", "coef_wa",
-                                   "coef_wb")),
+            scratch["grad_ww_memory"], scratch.get("grad_retention", work),
+            *(scratch[k] for k in ("link_ww", "link_wr", "sorted_a", "sorted_b", "coef_wa", "coef_wb")),
             partial, work.stride(0), num_warps=warps,
-            **blocks.meta("N", "W", "R", "BLOCK_N", "BLOCK_W", "BLOCK_R", "ROWS", "LINK"))
+            **blocks.meta("N", "W", "R", "BLOCK_N", "BLOCK_W", "BLOCK_R", "ROWS", "LINK"), **flags)
     return results
 
 
@@ -1083,10 +1169,14 @@ def memory_step(raw_interface: torch.Tensor, state: list[torch.Tensor], variants
 # ---- Compiling without a GPU ----------------------------------------------------------------------------------
 
 
-def compile_kernels(dtype: str = "fp32", cells: int = 16, width: int = 20, heads: int = 4, arch: int = 90) -> list[str]:
+def compile_kernels(dtype: str = "fp32", cells: int = 16, width: int = 20, heads: int = 4, arch: int = 90,
+                    variants: Optional[Variants] = None) -> list[str]:
     """Compile every kernel for an sm_``arch`` GPU with the given sizes (no GPU needed: Triton's front end, its
     passes and the bundled ptxas), and return one line per kernel. Raises on a kernel that only the interpreter
     accepts. Needs TRITON_INTERPRET unset when this module was imported (the kernels are then JIT functions).
+
+    variants None: the plain DNC's nine kernels. A ``Variants``: only the four memory kernels whose code its flags
+    change (the link and LSTM kernels have no variant code), compiled with those flags.
     """
     import inspect
 
@@ -1110,25 +1200,53 @@ def compile_kernels(dtype: str = "fp32", cells: int = 16, width: int = 20, heads
 
     m = blocks.meta
     warps = _warps(blocks)
+    if variants is not None:
+        flags = _flags(variants)
+        name = "+".join(variants.names()) or "plain"
+        return [f"{line} ({name})" for line in (
+            build(_write_kernel, dict(m("N", "W", "R", "BLOCK_N", "BLOCK_W", "BLOCK_R", "ROWS", "RANK"), **flags), warps),
+            build(_read_kernel, dict(m("N", "W", "R", "BLOCK_N", "BLOCK_W", "BLOCK_R", "ROWS", "LINK"), **flags), warps),
+            build(_read_backward_kernel, dict(m("N", "W", "R", "BLOCK_N", "BLOCK_W", "BLOCK_R", "ROWS"), **flags),
+                  warps),
+            build(_write_backward_kernel, dict(m("N", "W", "R", "BLOCK_N", "BLOCK_W", "BLOCK_R", "ROWS", "LINK"),
+                                               **flags), warps))]
+    plain = _flags(PLAIN)
     return [
-        build(_write_kernel, m("N", "W", "R", "BLOCK_N", "BLOCK_W", "BLOCK_R", "ROWS", "RANK"), warps),
+        build(_write_kernel, dict(m("N", "W", "R", "BLOCK_N", "BLOCK_W", "BLOCK_R", "ROWS", "RANK"), **plain), warps),
         build(_link_kernel, dict(m("N", "R", "BLOCK_R", "LINK"), WEIGHTINGS=True)),
         build(_link_kernel, dict(N=cells, R=1, BLOCK_R=1, LINK=blocks.LINK, WEIGHTINGS=False)),
-        build(_read_kernel, m("N", "W", "R", "BLOCK_N", "BLOCK_W", "BLOCK_R", "ROWS", "LINK"), warps),
-        build(_read_backward_kernel, m("N", "W", "R", "BLOCK_N", "BLOCK_W", "BLOCK_R", "ROWS"), warps),
+        build(_read_kernel, dict(m("N", "W", "R", "BLOCK_N", "BLOCK_W", "BLOCK_R", "ROWS", "LINK"), **plain), warps),
+        build(_read_backward_kernel, dict(m("N", "W", "R", "BLOCK_N", "BLOCK_W", "BLOCK_R", "ROWS"), **plain), warps),
         build(_link_backward_kernel, m("N", "R", "BLOCK_R", "LINK")),
-        build(_write_backward_kernel, m("N", "W", "R", "BLOCK_N", "BLOCK_W", "BLOCK_R", "ROWS", "LINK"), warps),
+        build(_write_backward_kernel, dict(m("N", "W", "R", "BLOCK_N", "BLOCK_W", "BLOCK_R", "ROWS", "LINK"), **plain),
+              warps),
         build(_lstm_forward_kernel, dict(H=width, BLOCK=_LSTM_BLOCK)),
         build(_lstm_backward_kernel, dict(H=width, BLOCK=_LSTM_BLOCK)),
     ]
 
 
-if __name__ == "__main__":  # `python -m dnc_lab.backends.triton [fp32|fp64] [N W R]`: compile every kernel, no GPU needed
+# Every variant switched on (each flag's code, and their interplay): what `python -m dnc_lab.backends.triton` compiles
+# after the plain kernels.
+ALL_VARIANTS = Variants(masked_lookup=True, mask_min=0.1, deallocation=True, link_sharpness=True)
+
+if __name__ == "__main__":  # `python -m dnc_lab.backends.triton [fp32|fp64] [N W R] [VARIANT,...|plain]`: compile, no GPU
     import sys
 
     if triton is None:
         raise SystemExit(f"dnc_lab Triton kernels: {_IMPORT_ERROR}")
     args = sys.argv[1:]
     sizes = [int(a) for a in args[1:4]] if len(args) >= 4 else []
-    for line in compile_kernels(args[0] if args else "fp32", *sizes):
+    # The plain kernels, then the memory kernels with every variant (or with the ones named, comma-separated).
+    chosen = ALL_VARIANTS
+    if len(args) in (2, 5):
+        names = [] if args[-1] == "plain" else args[-1].split(",")
+        unknown = sorted(set(names) - set(SUPPORTED_VARIANTS))
+        if unknown:
+            raise SystemExit(f"unknown variant(s) {unknown}: expected 'plain' or names from {list(SUPPORTED_VARIANTS)}")
+        chosen = Variants(**{name: True for name in names}, **({"mask_min": 0.1} if "masked_lookup" in names else {}))
+    dtype = args[0] if args else "fp32"
+    lines = compile_kernels(dtype, *sizes)
+    if chosen.names():
+        lines += compile_kernels(dtype, *sizes, variants=chosen)
+    for line in lines:
         print(line)
