@@ -233,10 +233,12 @@ def test_link_forward_is_bit_identical_to_the_step(small_tiles, cells):
 
 
 @interpreted
-def test_extra_shapes_are_what_forward_keeps():
+@pytest.mark.parametrize("variants", [PLAIN, kernels.ALL_VARIANTS], ids=["plain", "all-variants"])
+def test_extra_shapes_are_what_forward_keeps(variants):
     state = random_state(3, 7, 5, 2)
-    _, saved = kernels.memory_forward(torch.randn(3, interface_width(5, 2), dtype=torch.float64), state)
-    assert [(tuple(e.shape), e.dtype) for e in saved.extra] == kernels.extra_shapes(3, 7, 5, 2, torch.float64)
+    raw = torch.randn(3, interface_width(5, 2, variants), dtype=torch.float64)
+    _, saved = kernels.memory_forward(raw, state, variants=variants)
+    assert [(tuple(e.shape), e.dtype) for e in saved.extra] == kernels.extra_shapes(3, 7, 5, 2, torch.float64, variants)
 
 
 @interpreted
@@ -255,14 +257,15 @@ def test_backward_may_write_over_its_incoming_gradients():
 
 
 @interpreted
-def test_no_kernel_reads_what_no_kernel_wrote(small_tiles, monkeypatch):
+@pytest.mark.parametrize("variants", [PLAIN, kernels.ALL_VARIANTS], ids=["plain", "all-variants"])
+def test_no_kernel_reads_what_no_kernel_wrote(small_tiles, monkeypatch, variants):
     """Outputs and scratch are uninitialised memory. Filled with NaN instead, a kernel reading an element that no
     kernel wrote (a mask or tile bound off by one) would spread NaN: the results must still match, bit for bit."""
     def run():
         g = torch.Generator().manual_seed(5)
         state = random_state(2, 11, 3, 2, generator=g)
-        raws = [torch.randn(2, interface_width(3, 2), generator=g, dtype=torch.float64) for _ in range(2)]
-        return run_both(raws, state, 3, 2, g)
+        raws = [torch.randn(2, interface_width(3, 2, variants), generator=g, dtype=torch.float64) for _ in range(2)]
+        return run_both(raws, state, 3, 2, g, variants=variants)
 
     reference, clean = run()
     monkeypatch.setattr(kernels, "_empty", lambda like, *shape, dtype=None: torch.full(
@@ -279,13 +282,13 @@ def test_no_kernel_reads_what_no_kernel_wrote(small_tiles, monkeypatch):
 VARIANTS = {
     "link_sharpness": Variants(link_sharpness=True),
     "deallocation": Variants(deallocation=True),
-    "all": Variants(deallocation=True, link_sharpness=True),
+    "masked_lookup": Variants(masked_lookup=True, mask_min=0.1),
+    "all": kernels.ALL_VARIANTS,
 }
-VARIANT_IDS = list(VARIANTS)
 
 
 @interpreted
-@pytest.mark.parametrize("name", VARIANT_IDS)
+@pytest.mark.parametrize("name", list(VARIANTS))
 @pytest.mark.parametrize("batch, cells, width, heads, steps", [(1, 1, 3, 1, 2), (2, 5, 4, 3, 3), (2, 16, 3, 1, 2)])
 def test_variant_steps_match_reference(name, batch, cells, width, heads, steps):
     """Each variant alone and all together, values and gradients (the new interface fields' and the initial
@@ -299,7 +302,15 @@ def test_variant_steps_match_reference(name, batch, cells, width, heads, steps):
 
 
 @interpreted
-@pytest.mark.parametrize("name", VARIANT_IDS)
+def test_variants_in_several_tiles_and_float32(small_tiles):
+    """Every variant at once through the multi-tile paths (per-head masked norms of memory tiles, ψ row by row);
+    then in float32 against the float64 reference."""
+    compare(2, 13, 3, 2, 1, seed=13, variants=kernels.ALL_VARIANTS)
+    compare(2, 10, 4, 2, 1, seed=7, dtype=torch.float32, tol=TOL32, variants=kernels.ALL_VARIANTS)
+
+
+@interpreted
+@pytest.mark.parametrize("name", ["link_sharpness", "all"])
 def test_variants_on_empty_memory_match_reference(name):
     """An empty memory: the first step's forward and backward weightings are 0 everywhere, which sharpening makes
     uniform (1/N); masked cosines of zero rows; ψ of zero read weights."""
@@ -403,7 +414,7 @@ def dnc_loss(output, hx):
 
 
 # The DNC keywords of every variant these kernels implement.
-VARIANT_KWARGS = dict(deallocation=True, link_sharpness=True)
+VARIANT_KWARGS = dict(masked_lookup=True, mask_min=0.1, deallocation=True, link_sharpness=True)
 
 
 @interpreted
@@ -458,6 +469,9 @@ def test_bad_inputs_are_refused_with_a_reason():
         kernels.memory_forward(raw, two_heads)
     with pytest.raises(TypeError, match="float32 or float64 tensors, got torch.float16"):
         kernels.memory_forward(raw.half(), [s.half() for s in state])
+    with pytest.raises(ValueError, match=r"raw interface is torch.float64 \(2, 20\) on cpu, expected torch.float64 "
+                                         r"\[2, 28\] on cpu \(for N=4, W=3, R=1, masked_lookup, link_sharpness\)"):
+        kernels.memory_forward(raw, state, variants=Variants(masked_lookup=True, link_sharpness=True))
 
 
 def test_unsupported_says_why(monkeypatch):
@@ -498,10 +512,11 @@ def test_1024_cells_match_reference(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype, sizes", [("fp32", ("16", "20", "4")), ("fp64", ("7", "5", "3")),
-                                          ("fp32", ("1024", "64", "1"))])
+                                          ("fp32", ("1024", "64", "1")), ("fp64", ("5", "3", "2", "masked_lookup"))])
 def test_kernels_compile_for_a_gpu(dtype, sizes):
     """Triton's interpreter runs Python and is more permissive than its compiler; this compiles every kernel for
-    an sm_90 GPU (no GPU needed) so that CI catches what only the compiler refuses."""
+    an sm_90 GPU (no GPU needed) so that CI catches what only the compiler refuses: the plain DNC's nine, then the
+    four memory kernels with variant code, with every variant (or the one named)."""
     import subprocess
     import sys
 
@@ -509,7 +524,12 @@ def test_kernels_compile_for_a_gpu(dtype, sizes):
     result = subprocess.run([sys.executable, "-m", "dnc_lab.backends.triton", dtype, *sizes], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert len(result.stdout.splitlines()) == 9 and "_write_backward_kernel" in result.stdout
+    lines = result.stdout.splitlines()
+    variants = sizes[3] if len(sizes) > 3 else "masked_lookup+deallocation+link_sharpness"
+    assert len(lines) == 13 and "_write_backward_kernel" in lines[6]
+    assert [line.split(":")[0] for line in lines[9:]] == ["_write_kernel", "_read_kernel", "_read_backward_kernel",
+                                                           "_write_backward_kernel"]
+    assert all(line.endswith(f"({variants})") for line in lines[9:])
 
 
 # ---- Compiled for a GPU (skipped without one; `make gpu-check` runs them) ------------------------------------------

@@ -8,6 +8,7 @@ on either: ``memory_forward`` / ``memory_backward`` (one memory step, one write 
 ``memory_step`` (the step with autograd, for the other controllers). float32 and float64. The
 specification is the reference path, ``memory.memory_step(parse_interface(raw))`` with
 ``addressing.py``; tests/test_triton.py checks values and gradients against it in float64.
+All three of Csordás & Schmidhuber's variants (``dnc_lab.backends.Variants``), alone or together.
 
 Why: on a GPU the reference step is ~120 ATen ops forward and ~260 backward, each a kernel launch
 of 5-10 µs whatever the batch, so a DNC there is launch-bound. Here a time step is 8 launches
@@ -66,6 +67,21 @@ in tiles of ROWS rows (ROWS·W·R elements at most ``TILE_ELEMENTS``), the [N, N
 ``LINK_TILE`` × ``LINK_TILE`` tiles (row tiles across programs, column tiles in a loop), and the
 allocation's rank comparison in ``RANK_TILE`` × ``RANK_TILE`` tiles. So 1024 cells (and more)
 run; tests/test_triton.py shrinks the tiles to run every multi-tile path at small N.
+
+The variants (Csordás & Schmidhuber, ICLR 2019)
+-----------------------------------------------
+Each is a compile-time flag of the kernels it touches (MASKED with its floor MASK_MIN, DEALLOC, SHARP), so it
+adds no launch and the plain DNC's kernels are compiled without its code (the same instructions as before the
+variants existed; their extra pointer arguments are unused). The variants' raw fields come after the paper's
+(``memory.interface_sizes``): read masks [R*W], write mask [W], then forward and backward sharpness [R] each.
+
+- ``masked_lookup``: kernel 1 computes both lookups with masked keys and norms, and keeps each read head's own
+  masked norm of every cell (new_norms [R, N]); kernels 4 and 6 add the masks' gradients, with the same
+  coefficients as the plain cosine's backward (see ``_read_backward_kernel``).
+- ``deallocation``: kernel 1 keeps ψ and scales M_{t-1} by it row by row before the erase; kernel 4 writes the
+  memory's share of dLoss/dψ, which kernel 6 adds to the usage's before it reaches the free gates and w^r_{t-1}.
+- ``link_sharpness``: kernel 3 sharpens f and b (whole rows are there: max and sum over the cells); forward
+  keeps them unsharpened and kernel 4 sharpens them again to backpropagate. The link kernels are unchanged.
 
 Allocation without a sort
 -------------------------
@@ -160,7 +176,7 @@ def _empty(like: torch.Tensor, *shape: int, dtype: Optional[torch.dtype] = None)
 
 
 NAME = "triton"  # its key in dnc_lab.backends.MODULES
-SUPPORTED_VARIANTS: tuple = ("deallocation", "link_sharpness")  # of dnc_lab.backends.VARIANTS
+SUPPORTED_VARIANTS: tuple = ("masked_lookup", "deallocation", "link_sharpness")  # all of dnc_lab.backends.VARIANTS  # of dnc_lab.backends.VARIANTS
 
 
 def unsupported(config, device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -377,6 +393,12 @@ if triton is not None:
         return z0 / total, z1 / total, z2 / total
 
     @triton.jit
+    def _mask(raw_mask, MASK_MIN: tl.constexpr):
+        """memory.lookup_mask m = m_min + (1 - m_min) σ(raw), and dm/draw."""
+        sig = _sigmoid(raw_mask)
+        return MASK_MIN + (1 - MASK_MIN) * sig, (1 - MASK_MIN) * sig * (1 - sig)
+
+    @triton.jit
     def _sharpen(d, s, valid):
         """addressing.sharpen of each row of d [BLOCK_R, BLOCK_N] with exponent s [BLOCK_R]: S = P / ΣP,
         P = (x / max x)^s, x = d + ε. Returns S (0 off ``valid``), log(x / max x) and x (1 off ``valid``), what
@@ -400,7 +422,7 @@ if triton is not None:
     def _write_kernel(raw, memory_prev, precedence_prev, read_prev, write_prev, usage_prev,
                       memory, precedence, write_weights, usage,
                       write_content, write_cosine, prev_norms, allocation, sorted_usage, before, new_norms, scratch,
-                      read_content, read_cosine, key_norms, kept_retention, rank, aux_stride,
+                      read_content, read_cosine, key_norms, rank, aux_stride, kept_retention,
                       N: tl.constexpr, W: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr, RANK: tl.constexpr,
                       MASKED: tl.constexpr, MASK_MIN: tl.constexpr, DEALLOC: tl.constexpr, SHARP: tl.constexpr):
@@ -439,16 +461,28 @@ if triton is not None:
         if DEALLOC:  # ψ again below, row by row (and in backward)
             tl.store(kept_retention + aux + cells, retention, mask=in_n)
 
-        # Write content lookup on M_{t-1}: cosines tile by tile, then the softmax over all cells.
-        key_norm_w = tl.sqrt(tl.sum(write_key * write_key, 0) + EPSILON)
+        # Write content lookup on M_{t-1}: cosines tile by tile, then the softmax over all cells. Masked (q = m²):
+        # cos = Σ k q M[n] / (|k ∘ m| |M[n] ∘ m|), the norms kept are the masked ones.
+        MASK_AT: tl.constexpr = R * W + 3 * W + 5 * R + 3
+        if MASKED:
+            write_mask, _ = _mask(tl.load(xi + MASK_AT + R * W + cols, mask=in_w, other=0.0), MASK_MIN)
+            write_q = write_mask * write_mask
+            key_norm_w = tl.sqrt(tl.sum(write_key * write_key * write_q, 0) + EPSILON)
+            lookup_key = write_key * write_q
+        else:
+            key_norm_w = tl.sqrt(tl.sum(write_key * write_key, 0) + EPSILON)
+            lookup_key = write_key
         for start in range(0, N, ROWS):
             rows = start + tl.arange(0, ROWS)
             in_rows = rows < N
             tile = tl.load(memory_prev + (b * N + rows[:, None]) * W + cols[None, :],
                            mask=in_rows[:, None] & in_w[None, :], other=0.0)
-            norm = tl.sqrt(tl.sum(tile * tile, 1) + EPSILON)
+            if MASKED:
+                norm = tl.sqrt(tl.sum(tile * tile * write_q[None, :], 1) + EPSILON)
+            else:
+                norm = tl.sqrt(tl.sum(tile * tile, 1) + EPSILON)
             tl.store(prev_norms + aux + rows, norm, mask=in_rows)
-            tl.store(write_cosine + aux + rows, tl.sum(tile * write_key[None, :], 1) / (key_norm_w * norm), mask=in_rows)
+            tl.store(write_cosine + aux + rows, tl.sum(tile * lookup_key[None, :], 1) / (key_norm_w * norm), mask=in_rows)
         tl.debug_barrier()
         cos_w = tl.load(write_cosine + aux + cells, mask=in_n, other=0.0)
         z = tl.where(in_n, beta_w * cos_w, float("-inf"))
@@ -490,7 +524,13 @@ if triton is not None:
 
         # Erase and write M = M' (1 - w^w eᵀ) + w^w vᵀ, tile by tile, and the read heads' cosines on M.
         keys = tl.load(xi + heads[:, None] * W + cols[None, :], mask=in_r[:, None] & in_w[None, :], other=0.0)
-        key_norms_r = tl.sqrt(tl.sum(keys * keys, 1) + EPSILON)
+        if MASKED:  # each read head its own mask: masked norms per head and cell ([R, N] kept)
+            read_masks, _ = _mask(tl.load(xi + MASK_AT + heads[:, None] * W + cols[None, :],
+                                          mask=in_r[:, None] & in_w[None, :], other=0.0), MASK_MIN)
+            read_q = read_masks * read_masks
+            key_norms_r = tl.sqrt(tl.sum(keys * keys * read_q, 1) + EPSILON)
+        else:
+            key_norms_r = tl.sqrt(tl.sum(keys * keys, 1) + EPSILON)
         for start in range(0, N, ROWS):
             rows = start + tl.arange(0, ROWS)
             in_rows = rows < N
@@ -502,11 +542,19 @@ if triton is not None:
                 kept_rows = kept_rows * tl.load(kept_retention + aux + rows, mask=in_rows, other=0.0)[:, None]
             new = kept_rows * (1 - w_n[:, None] * erase[None, :]) + w_n[:, None] * vector[None, :]
             tl.store(memory + at, new, mask=in_tile)
-            norm = tl.sqrt(tl.sum(new * new, 1) + EPSILON)
-            tl.store(new_norms + aux + rows, norm, mask=in_rows)
-            dots = tl.sum(keys[:, None, :] * new[None, :, :], 2)  # [BLOCK_R, ROWS]
-            tl.store(read_cosine + aux + heads[:, None] * N + rows[None, :],
-                     dots / (key_norms_r[:, None] * norm[None, :]), mask=in_r[:, None] & in_rows[None, :])
+            if MASKED:
+                norms = tl.sqrt(tl.sum(read_q[:, None, :] * (new * new)[None, :, :], 2) + EPSILON)  # [BLOCK_R, ROWS]
+                tl.store(new_norms + aux + heads[:, None] * N + rows[None, :], norms,
+                         mask=in_r[:, None] & in_rows[None, :])
+                dots = tl.sum((keys * read_q)[:, None, :] * new[None, :, :], 2)
+                tl.store(read_cosine + aux + heads[:, None] * N + rows[None, :],
+                         dots / (key_norms_r[:, None] * norms), mask=in_r[:, None] & in_rows[None, :])
+            else:
+                norm = tl.sqrt(tl.sum(new * new, 1) + EPSILON)
+                tl.store(new_norms + aux + rows, norm, mask=in_rows)
+                dots = tl.sum(keys[:, None, :] * new[None, :, :], 2)  # [BLOCK_R, ROWS]
+                tl.store(read_cosine + aux + heads[:, None] * N + rows[None, :],
+                         dots / (key_norms_r[:, None] * norm[None, :]), mask=in_r[:, None] & in_rows[None, :])
         tl.debug_barrier()
         cos_r = tl.load(read_cosine + aux + heads[:, None] * N + cells[None, :], mask=head_cells, other=0.0)
         beta_r = 1 + _softplus(tl.load(xi + R * W + heads, mask=in_r, other=0.0))
@@ -601,10 +649,10 @@ if triton is not None:
 
     @triton.jit
     def _read_backward_kernel(raw, memory_prev, memory, read_weights, write_weights,
-                              forward, backward, read_content, read_cosine, new_norms, key_norms, kept_retention,
-                              aux_stride, grad_reads, grad_memory, grad_read_weights, grad_raw, grad_memory_prev,
-                              grad_read, grad_forward, grad_backward, coef_a, coef_b, grad_ww_memory, grad_retention,
-                              work_stride,
+                              forward, backward, read_content, read_cosine, new_norms, key_norms, aux_stride,
+                              grad_reads, grad_memory, grad_read_weights, grad_raw, grad_memory_prev,
+                              grad_read, grad_forward, grad_backward, coef_a, coef_b, grad_ww_memory, work_stride,
+                              kept_retention, grad_retention,
                               N: tl.constexpr, W: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr,
                               MASKED: tl.constexpr, MASK_MIN: tl.constexpr, DEALLOC: tl.constexpr,
@@ -657,15 +705,16 @@ if triton is not None:
             fwd, log_f, x_f = _sharpen(fwd, sharp_f, head_cells)
             bwd, log_b, x_b = _sharpen(bwd, sharp_b, head_cells)
         g_pb, g_pf, g_pc = tl.sum(g_wr * bwd, 1), tl.sum(g_wr * fwd, 1), tl.sum(g_wr * cr, 1)
-        g_fwd = pf[:, None] * g_wr
-        g_bwd = pb[:, None] * g_wr
         if SHARP:
-            g_fwd, g_sharp_f = _sharpen_backward(g_fwd, fwd, log_f, x_f, sharp_f)
-            g_bwd, g_sharp_b = _sharpen_backward(g_bwd, bwd, log_b, x_b, sharp_b)
+            g_fwd, g_sharp_f = _sharpen_backward(pf[:, None] * g_wr, fwd, log_f, x_f, sharp_f)
+            g_bwd, g_sharp_b = _sharpen_backward(pb[:, None] * g_wr, bwd, log_b, x_b, sharp_b)
             tl.store(gxi + SHARP_AT + heads, g_sharp_f * _softplus_slope(sharp_f_raw), mask=in_r)
             tl.store(gxi + SHARP_AT + R + heads, g_sharp_b * _softplus_slope(sharp_b_raw), mask=in_r)
-        tl.store(grad_forward + work + at, g_fwd, mask=head_cells)
-        tl.store(grad_backward + work + at, g_bwd, mask=head_cells)
+            tl.store(grad_forward + work + at, g_fwd, mask=head_cells)
+            tl.store(grad_backward + work + at, g_bwd, mask=head_cells)
+        else:
+            tl.store(grad_forward + work + at, pf[:, None] * g_wr, mask=head_cells)
+            tl.store(grad_backward + work + at, pb[:, None] * g_wr, mask=head_cells)
         g_cr = pc[:, None] * g_wr
         g_z = cr * (g_cr - tl.sum(g_cr * cr, 1)[:, None])  # softmax backward
         beta_raw = tl.load(xi + R * W + heads, mask=in_r, other=0.0)
@@ -674,15 +723,29 @@ if triton is not None:
         g_cos = beta_r[:, None] * g_z
         # cos = M[n]·k / (|k| |M[n]|):  d/dk = M[n] / (|k||M[n]|) - cos k / |k|²,
         #                                d/dM[n] = k / (|k||M[n]|) - cos M[n] / |M[n]|²
-        norms = tl.load(new_norms + aux + cells, mask=cells < N, other=1.0)
-        key_norm = tl.load(key_norms + aux + heads, mask=in_r, other=1.0)
-        tl.store(coef_a + work + at, g_cos / (key_norm[:, None] * norms[None, :]), mask=head_cells)
-        tl.store(coef_b + work + at, g_cos * cos / (norms * norms)[None, :], mask=head_cells)
+        # Masked (q = m², norms masked, per head): d/dk = q (Σ_n a M[n] - c_key k), d/dM[n] = q (a k - c M[n]),
+        # d/dq = k Σ_n a M[n] - c_key k² / 2 - Σ_n c M[n]² / 2, with the same coefficients a, c, c_key.
+        if MASKED:
+            norms = tl.load(new_norms + aux + at, mask=head_cells, other=1.0)
+            key_norm = tl.load(key_norms + aux + heads, mask=in_r, other=1.0)
+            tl.store(coef_a + work + at, g_cos / (key_norm[:, None] * norms), mask=head_cells)
+            tl.store(coef_b + work + at, g_cos * cos / (norms * norms), mask=head_cells)
+        else:
+            norms = tl.load(new_norms + aux + cells, mask=cells < N, other=1.0)
+            key_norm = tl.load(key_norms + aux + heads, mask=in_r, other=1.0)
+            tl.store(coef_a + work + at, g_cos / (key_norm[:, None] * norms[None, :]), mask=head_cells)
+            tl.store(coef_b + work + at, g_cos * cos / (norms * norms)[None, :], mask=head_cells)
         c_key = tl.sum(g_cos * cos, 1) / (key_norm * key_norm)
         tl.debug_barrier()
 
         # dM_t from the next step, the reads and the read lookups; then M_t = M' (1 - w^w eᵀ) + w^w vᵀ.
         keys = tl.load(xi + heads[:, None] * W + cols[None, :], mask=head_cols, other=0.0)
+        MASK_AT: tl.constexpr = R * W + 3 * W + 5 * R + 3
+        if MASKED:
+            read_masks, read_slopes = _mask(tl.load(xi + MASK_AT + heads[:, None] * W + cols[None, :], mask=head_cols,
+                                                    other=0.0), MASK_MIN)
+            read_q = read_masks * read_masks
+            g_squares = tl.zeros([BLOCK_R, BLOCK_W], dtype=raw.dtype.element_ty)  # Σ_n c M[n]²
         erase = _sigmoid(tl.load(xi + KEY_W + W + 1 + cols, mask=in_w, other=0.0))
         vector = tl.load(xi + KEY_W + 2 * W + 1 + cols, mask=in_w, other=0.0)
         g_keys = tl.zeros([BLOCK_R, BLOCK_W], dtype=raw.dtype.element_ty)
@@ -701,9 +764,15 @@ if triton is not None:
             w_r = tl.load(read_weights + b * R * N + head_rows, mask=in_hr, other=0.0)
             a = tl.load(coef_a + work + head_rows, mask=in_hr, other=0.0)
             c = tl.load(coef_b + work + head_rows, mask=in_hr, other=0.0)
-            g_m = tl.load(grad_memory + at_rows, mask=in_tile, other=0.0) \
-                + tl.sum(w_r[:, :, None] * grad_r[:, None, :] + a[:, :, None] * keys[:, None, :]
-                         - c[:, :, None] * tile[None, :, :], 0)
+            if MASKED:
+                g_m = tl.load(grad_memory + at_rows, mask=in_tile, other=0.0) \
+                    + tl.sum(w_r[:, :, None] * grad_r[:, None, :] + read_q[:, None, :] * (
+                        a[:, :, None] * keys[:, None, :] - c[:, :, None] * tile[None, :, :]), 0)
+                g_squares += tl.sum(c[:, :, None] * (tile * tile)[None, :, :], 1)
+            else:
+                g_m = tl.load(grad_memory + at_rows, mask=in_tile, other=0.0) \
+                    + tl.sum(w_r[:, :, None] * grad_r[:, None, :] + a[:, :, None] * keys[:, None, :]
+                             - c[:, :, None] * tile[None, :, :], 0)
             g_keys += tl.sum(a[:, :, None] * tile[None, :, :], 1)
             kept_rows = prev
             if DEALLOC:  # M_t's erase and write act on M' ∘ ψ 1ᵀ
@@ -712,14 +781,21 @@ if triton is not None:
             g_erase -= tl.sum(g_m * kept_rows * w_n[:, None], 0)
             g_vector += tl.sum(g_m * w_n[:, None], 0)
             g_ww = tl.sum(g_m * (vector[None, :] - kept_rows * erase[None, :]), 1)
-            g_kept = g_m * (1 - w_n[:, None] * erase[None, :])
             tl.debug_barrier()  # every thread has read its grad_memory before any grad_memory_prev (maybe the same) is written
             if DEALLOC:  # dψ's share from the memory (the usage's is added by the write backward kernel)
+                g_kept = g_m * (1 - w_n[:, None] * erase[None, :])
                 tl.store(grad_retention + work + rows, tl.sum(g_kept * prev, 1), mask=in_rows)
-                g_kept = g_kept * psi[:, None]
-            tl.store(grad_memory_prev + at_rows, g_kept, mask=in_tile)
+                tl.store(grad_memory_prev + at_rows, g_kept * psi[:, None], mask=in_tile)
+            else:
+                tl.store(grad_memory_prev + at_rows, g_m * (1 - w_n[:, None] * erase[None, :]), mask=in_tile)
             tl.store(grad_ww_memory + work + rows, g_ww, mask=in_rows)
-        g_keys -= c_key[:, None] * keys
+        if MASKED:
+            g_q = keys * g_keys - 0.5 * c_key[:, None] * keys * keys - 0.5 * g_squares
+            tl.store(gxi + MASK_AT + heads[:, None] * W + cols[None, :], g_q * 2 * read_masks * read_slopes,
+                     mask=head_cols)
+            g_keys = read_q * (g_keys - c_key[:, None] * keys)
+        else:
+            g_keys -= c_key[:, None] * keys
 
         tl.store(gxi + heads[:, None] * W + cols[None, :], g_keys, mask=head_cols)
         tl.store(gxi + R * W + heads, g_beta * _softplus_slope(beta_raw), mask=in_r)
@@ -791,8 +867,8 @@ if triton is not None:
                                grad_precedence, grad_write_weights, grad_usage,
                                grad_raw, grad_memory_prev, grad_precedence_prev, grad_read_prev, grad_write_prev,
                                grad_usage_prev,
-                               grad_ww_memory, grad_retention, link_ww, link_wr, sorted_a, sorted_b, coef_wa, coef_wb,
-                               partial, work_stride,
+                               grad_ww_memory, link_ww, link_wr, sorted_a, sorted_b, coef_wa, coef_wb, partial,
+                               work_stride, grad_retention,
                                N: tl.constexpr, W: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr, LINK: tl.constexpr,
                                MASKED: tl.constexpr, MASK_MIN: tl.constexpr, DEALLOC: tl.constexpr,
@@ -905,6 +981,11 @@ if triton is not None:
         # The rest of dM_{t-1}: the write lookup's, added to what the read backward kernel wrote.
         write_key = tl.load(xi + KEY_W + cols, mask=in_w, other=0.0)
         g_key = tl.zeros([BLOCK_W], dtype=raw.dtype.element_ty)
+        MASK_AT: tl.constexpr = R * W + 3 * W + 5 * R + 3
+        if MASKED:  # as in the read backward kernel (its comment), for the one write head
+            write_mask, write_slope = _mask(tl.load(xi + MASK_AT + R * W + cols, mask=in_w, other=0.0), MASK_MIN)
+            write_q = write_mask * write_mask
+            g_squares = tl.zeros([BLOCK_W], dtype=raw.dtype.element_ty)
         tl.debug_barrier()
         for start in range(0, N, ROWS):
             rows = start + tl.arange(0, ROWS)
@@ -916,8 +997,19 @@ if triton is not None:
             c = tl.load(coef_wb + work + rows, mask=in_rows, other=0.0)
             g_key += tl.sum(a[:, None] * prev, 0)
             g_m = tl.load(grad_memory_prev + at_rows, mask=in_tile, other=0.0)
-            tl.store(grad_memory_prev + at_rows, g_m + a[:, None] * write_key[None, :] - c[:, None] * prev, mask=in_tile)
-        g_key -= c_key * write_key
+            if MASKED:
+                g_squares += tl.sum(c[:, None] * prev * prev, 0)
+                tl.store(grad_memory_prev + at_rows,
+                         g_m + write_q[None, :] * (a[:, None] * write_key[None, :] - c[:, None] * prev), mask=in_tile)
+            else:
+                tl.store(grad_memory_prev + at_rows, g_m + a[:, None] * write_key[None, :] - c[:, None] * prev,
+                         mask=in_tile)
+        if MASKED:
+            g_q = write_key * g_key - 0.5 * c_key * write_key * write_key - 0.5 * g_squares
+            tl.store(gxi + MASK_AT + R * W + cols, g_q * 2 * write_mask * write_slope, mask=in_w)
+            g_key = write_q * (g_key - c_key * write_key)
+        else:
+            g_key -= c_key * write_key
 
         tl.store(grad_precedence_prev + b * N + cells, g_p_prev, mask=in_n)
         tl.store(grad_usage_prev + b * N + cells, g_written * (1 - ww_prev), mask=in_n)
@@ -1016,7 +1108,7 @@ def memory_forward(raw: torch.Tensor, state: list[torch.Tensor], out: Optional[l
             memory_new, precedence_new, write_new, usage_new,
             *(views[k] for k in ("write_content", "write_cosine", "prev_norms", "allocation", "sorted_usage",
                                  "before", "new_norms", "scratch", "read_content", "read_cosine", "key_norms")),
-            views.get("retention", aux), rank, aux.stride(0), num_warps=warps,
+            rank, aux.stride(0), views.get("retention", aux), num_warps=warps,
             **blocks.meta("N", "W", "R", "BLOCK_N", "BLOCK_W", "BLOCK_R", "ROWS", "RANK"), **flags)
     _launch(_link_kernel, (b, blocks.link_tiles), link_prev, precedence_prev, write_new, read_prev, link_out,
             views["forward"], partial, aux.stride(0), WEIGHTINGS=True, **blocks.meta("N", "R", "BLOCK_R", "LINK"))
@@ -1064,9 +1156,9 @@ def memory_backward(saved: Saved, grads: list[torch.Tensor], results: Optional[l
     warps = _warps(blocks)
     _launch(_read_backward_kernel, (b,), raw, memory_prev, memory, read_new, write_new,
             *(views[k] for k in ("forward", "backward", "read_content", "read_cosine", "new_norms", "key_norms")),
-            views.get("retention", aux), aux.stride(0), grad_reads, grad_memory, grad_read, g_raw, g_memory,
+            aux.stride(0), grad_reads, grad_memory, grad_read, g_raw, g_memory,
             *(scratch[k] for k in ("grad_read", "grad_forward", "grad_backward", "coef_a", "coef_b", "grad_ww_memory")),
-            scratch.get("grad_retention", work), work.stride(0), num_warps=warps, **blocks.meta("N", "W", "R", "BLOCK_N", "BLOCK_W", "BLOCK_R", "ROWS"),
+            work.stride(0), views.get("retention", aux), scratch.get("grad_retention", work), num_warps=warps, **blocks.meta("N", "W", "R", "BLOCK_N", "BLOCK_W", "BLOCK_R", "ROWS"),
             **flags)
     _launch(_link_backward_kernel, (b, blocks.link_tiles), link_prev, precedence_prev, write_new, read_prev,
             grad_link, scratch["grad_forward"], scratch["grad_backward"], g_link, scratch["link_ww"],
@@ -1077,9 +1169,9 @@ def memory_backward(saved: Saved, grads: list[torch.Tensor], results: Optional[l
                                  "key_norms")),
             rank, aux.stride(0), grad_precedence, grad_write, grad_usage,
             g_raw, g_memory, g_precedence, g_read, g_write, g_usage,
-            scratch["grad_ww_memory"], scratch.get("grad_retention", work),
-            *(scratch[k] for k in ("link_ww", "link_wr", "sorted_a", "sorted_b", "coef_wa", "coef_wb")),
-            partial, work.stride(0), num_warps=warps,
+            *(scratch[k] for k in ("grad_ww_memory", "link_ww", "link_wr", "sorted_a", "sorted_b", "coef_wa",
+                                   "coef_wb")),
+            partial, work.stride(0), scratch.get("grad_retention", work), num_warps=warps,
             **blocks.meta("N", "W", "R", "BLOCK_N", "BLOCK_W", "BLOCK_R", "ROWS", "LINK"), **flags)
     return results
 
