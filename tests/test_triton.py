@@ -594,3 +594,36 @@ def test_cuda_sequence_matches_native(link_every):
         torch.testing.assert_close(a.cpu(), b, **TOL)
     for a, b in zip(grads, grads_native):
         torch.testing.assert_close(a.cpu(), b, **TOL)
+
+
+@pytest.mark.cuda
+@compiled_on_cuda
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, TOL), (torch.float32, TOL32)])
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_cuda_variants_match_reference(name, dtype, tol):
+    """The variants compiled for the GPU: float64 to rounding (mask_min a float64 constant, not a float32
+    argument), several tiles at the default sizes' N, and an empty memory (sharpening's uniform case)."""
+    compare(3, 40, 6, 3, 3, seed=41, dtype=dtype, tol=tol, device="cuda", variants=VARIANTS[name])
+    compare(2, 6, 8, 2, 3, seed=6, dtype=dtype, tol=tol, empty=True, device="cuda", variants=VARIANTS[name])
+
+
+@pytest.mark.cuda
+@compiled_on_cuda
+def test_cuda_dnc_with_every_variant_picks_triton_and_matches_reference():
+    from dnc_lab import DNC
+
+    torch.manual_seed(0)
+    config = dict(input_size=3, hidden_size=6, nr_cells=12, cell_size=4, read_heads=2, checkpoint_steps=2,
+                  **VARIANT_KWARGS)
+    reference = DNC(**config, backend="reference").double().cuda()
+    fast = DNC(**config).double().cuda()  # backend="auto"
+    fast.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 5, 3, dtype=torch.float64, device="cuda")
+    out_ref, hx_ref = reference(x)
+    out, hx = fast(x)
+    assert fast.backend == "triton", fast.backend_choice().describe()
+    torch.testing.assert_close(out, out_ref, **TOL)
+    dnc_loss(out_ref, hx_ref).backward()
+    dnc_loss(out, hx).backward()
+    for (name, p_ref), p in zip(reference.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, **TOL, msg=name)
