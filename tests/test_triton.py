@@ -444,6 +444,30 @@ def test_dnc_on_triton_matches_reference(kwargs):
 
 
 @interpreted
+def test_the_sequence_operator_with_variants_passes_opcheck():
+    """The whole-sequence operator on these kernels with every variant: its fake implementation (the saved tensors
+    sized by ``extra_shapes`` with the variants) and its registration agree with the real run."""
+    from torch.library import opcheck
+
+    from dnc_lab import DNC
+    from dnc_lab.controller import rnn_weights
+
+    torch.manual_seed(0)
+    model = DNC(4, 6, nr_cells=5, cell_size=3, read_heads=2, num_hidden_layers=1, backend="triton",
+                **VARIANT_KWARGS).double()
+    core, steps, batch = model.cores[0], 3, 2
+    lstm = [t for layer in rnn_weights(core.controllers[0]) for t in layer]
+    access = core.memories[0]
+    memory = list(access.initial_state(batch, torch.float64, torch.device("cpu")).values())
+    x = torch.randn(steps, batch, 4, dtype=torch.float64, requires_grad=True)
+    h0 = torch.zeros(1, batch, 6, dtype=torch.float64)
+    args = ("triton", x, h0, h0.clone(), torch.zeros(batch, 6, dtype=torch.float64), memory, lstm,
+            access.interface.weight, access.interface.bias, 20.0, 2, *Variants.of(model.core_config))
+    results = opcheck(sequence._sequence_op, args, test_utils=("test_schema", "test_faketensor"))
+    assert set(results.values()) == {"SUCCESS"}
+
+
+@interpreted
 def test_choose_takes_triton_for_the_variants(monkeypatch):
     """A model with the variants runs on these kernels when asked for them, and ``auto`` on a GPU takes them."""
     from dnc_lab import backends
