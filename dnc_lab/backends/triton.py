@@ -697,22 +697,25 @@ if triton is not None:
         cos = tl.load(read_cosine + aux + at, mask=head_cells, other=0.0)
         MODES: tl.constexpr = R * W + 3 * W + 2 * R + 3
         pb, pf, pc = _modes(xi, heads, in_r, MODES)
-        if SHARP:  # forward's sharpening again, from the unsharpened f and b it kept
+        if SHARP:  # forward's sharpening again, from the unsharpened f and b it kept; one direction at a time
             SHARP_AT: tl.constexpr = R * W + 3 * W + 5 * R + 3 + MASKED * (R * W + W)
-            sharp_f_raw = tl.load(xi + SHARP_AT + heads, mask=in_r, other=0.0)
-            sharp_b_raw = tl.load(xi + SHARP_AT + R + heads, mask=in_r, other=0.0)
-            sharp_f, sharp_b = 1 + _softplus(sharp_f_raw), 1 + _softplus(sharp_b_raw)
-            fwd, log_f, x_f = _sharpen(fwd, sharp_f, head_cells)
-            bwd, log_b, x_b = _sharpen(bwd, sharp_b, head_cells)
-        g_pb, g_pf, g_pc = tl.sum(g_wr * bwd, 1), tl.sum(g_wr * fwd, 1), tl.sum(g_wr * cr, 1)
-        if SHARP:
-            g_fwd, g_sharp_f = _sharpen_backward(pf[:, None] * g_wr, fwd, log_f, x_f, sharp_f)
-            g_bwd, g_sharp_b = _sharpen_backward(pb[:, None] * g_wr, bwd, log_b, x_b, sharp_b)
-            tl.store(gxi + SHARP_AT + heads, g_sharp_f * _softplus_slope(sharp_f_raw), mask=in_r)
-            tl.store(gxi + SHARP_AT + R + heads, g_sharp_b * _softplus_slope(sharp_b_raw), mask=in_r)
+            sharp_raw = tl.load(xi + SHARP_AT + heads, mask=in_r, other=0.0)
+            sharp = 1 + _softplus(sharp_raw)
+            fwd, log_scaled, x = _sharpen(fwd, sharp, head_cells)
+            g_pf = tl.sum(g_wr * fwd, 1)
+            g_fwd, g_sharp = _sharpen_backward(pf[:, None] * g_wr, fwd, log_scaled, x, sharp)
             tl.store(grad_forward + work + at, g_fwd, mask=head_cells)
+            tl.store(gxi + SHARP_AT + heads, g_sharp * _softplus_slope(sharp_raw), mask=in_r)
+            sharp_raw = tl.load(xi + SHARP_AT + R + heads, mask=in_r, other=0.0)
+            sharp = 1 + _softplus(sharp_raw)
+            bwd, log_scaled, x = _sharpen(bwd, sharp, head_cells)
+            g_pb = tl.sum(g_wr * bwd, 1)
+            g_bwd, g_sharp = _sharpen_backward(pb[:, None] * g_wr, bwd, log_scaled, x, sharp)
             tl.store(grad_backward + work + at, g_bwd, mask=head_cells)
+            tl.store(gxi + SHARP_AT + R + heads, g_sharp * _softplus_slope(sharp_raw), mask=in_r)
+            g_pc = tl.sum(g_wr * cr, 1)
         else:
+            g_pb, g_pf, g_pc = tl.sum(g_wr * bwd, 1), tl.sum(g_wr * fwd, 1), tl.sum(g_wr * cr, 1)
             tl.store(grad_forward + work + at, pf[:, None] * g_wr, mask=head_cells)
             tl.store(grad_backward + work + at, pb[:, None] * g_wr, mask=head_cells)
         g_cr = pc[:, None] * g_wr
