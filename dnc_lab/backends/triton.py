@@ -176,7 +176,7 @@ def _empty(like: torch.Tensor, *shape: int, dtype: Optional[torch.dtype] = None)
 
 
 NAME = "triton"  # its key in dnc_lab.backends.MODULES
-SUPPORTED_VARIANTS: tuple = ("masked_lookup", "deallocation", "link_sharpness")  # all of dnc_lab.backends.VARIANTS  # of dnc_lab.backends.VARIANTS
+SUPPORTED_VARIANTS: tuple = ("masked_lookup", "deallocation", "link_sharpness")  # all of dnc_lab.backends.VARIANTS
 
 
 def unsupported(config, device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -1102,7 +1102,7 @@ def memory_forward(raw: torch.Tensor, state: list[torch.Tensor], out: Optional[l
     outputs, (aux, rank) = results[:7], results[7:]
     layout = _kept_layout(n, r, variants.masked_lookup, variants.deallocation)
     views = layout.views(aux)
-    flags = _flags(variants)
+    flags = _flags(variants)  # a variant's buffers exist only with it; without, any tensor fills the unused argument
     partial = new(b, blocks.link_tiles, r, n)
     warps = _warps(blocks)
     raw_c, memory_prev, link_prev, precedence_prev, read_prev, write_prev, usage_prev = inputs
