@@ -13,12 +13,18 @@
 // Shapes, per batch element (B of them, contiguous, batch-major), symbols as in the paper:
 //   xi   [S]      the raw interface vector, fields in memory.interface_sizes order:
 //                 k^r [R*W], beta^r [R], k^w [W], beta^w [1], e [W], v [W], f [R], g^a [1],
-//                 g^w [1], pi [R*3] (backward, forward, content per read head)
+//                 g^w [1], pi [R*3] (backward, forward, content per read head), then the fields of
+//                 the variants switched on (below)
 //   M    [N, W]   memory          L  [N, N]  link matrix      p  [N]  precedence
 //   wr   [R, N]   read weights    ww [N]     write weights    u  [N]  usage
 //   reads [R, W]
-// The saved buffer ("aux", AUX_SIZE floats per element, plus N ints for the sort order) holds
+// The saved buffer ("aux", Dims::aux() floats per element, plus N ints for the sort order) holds
 // what backward needs that is not an input or output.
+//
+// Csordas & Schmidhuber's variants (ICLR 2019; addressing.py has the equations), each switched on
+// by a bit of `variants` (native.py passes them; the plain DNC is 0 and computes what it always did):
+//   link_sharpness  forward/backward weightings sharpened per read head, S(d, s) = d^s / sum d^s with
+//                   s = oneplus(raw): 2R raw fields s^f [R], s^b [R] at the end of xi;
 
 #include <algorithm>
 #include <cmath>
@@ -33,9 +39,15 @@ namespace {
 
 constexpr double EPSILON = 1e-6;  // addressing.EPSILON
 
+// The bits of the `variants` argument (native.VARIANT_BITS).
+constexpr int LINK_SHARPNESS = 1;
+
 struct Dims {
     int64_t N, W, R;
-    int64_t S() const { return R * W + R + W + 1 + W + W + R + 1 + 1 + 3 * R; }
+    int variants = 0;  // the bits above
+    bool sharp() const { return variants & LINK_SHARPNESS; }
+    int64_t plain_S() const { return R * W + R + W + 1 + W + W + R + 1 + 1 + 3 * R; }
+    int64_t S() const { return plain_S() + (sharp() ? 2 * R : 0); }
     // aux layout (offsets in elements)
     int64_t cw() const { return 0; }               // [N] write content weights c^w
     int64_t cos_w() const { return N; }            // [N] cosine(k^w, M_{t-1}[n])
@@ -49,7 +61,11 @@ struct Dims {
     int64_t cr() const { return (7 + 2 * R) * N; } // [R, N] read content weights c^r
     int64_t cos_r() const { return (7 + 3 * R) * N; }  // [R, N]
     int64_t key_norms() const { return (7 + 4 * R) * N; }  // [R + 1] |k^r_i|, then |k^w|
-    int64_t aux() const { return (7 + 4 * R) * N + R + 1; }
+    int64_t plain_aux() const { return (7 + 4 * R) * N + R + 1; }
+    // The variants' part, after the plain DNC's (fwd() and bwd() then hold the sharpened weightings).
+    int64_t fwd_raw() const { return plain_aux(); }         // [R, N] f before sharpening (link_sharpness)
+    int64_t bwd_raw() const { return plain_aux() + R * N; } // [R, N] b before sharpening
+    int64_t aux() const { return plain_aux() + (sharp() ? 2 * R * N : 0); }
 };
 
 // Per-thread working memory, reused for every batch element: no allocation inside the loop.
@@ -58,7 +74,8 @@ struct Scratch {
     std::vector<T> buffer;
     size_t used = 0;
     explicit Scratch(const Dims& d)
-        : buffer(static_cast<size_t>(2 * d.N * d.W + 8 * d.R * d.N + 16 * d.N + 8 * d.W + d.R * d.W + 16 * d.R + 64)) {}
+        : buffer(static_cast<size_t>(2 * d.N * d.W + 8 * d.R * d.N + 16 * d.N + 8 * d.W + d.R * d.W + 16 * d.R + 64 +
+                                     (d.sharp() ? 4 * d.R : 0))) {}
     void reset() { used = 0; }
     T* take(int64_t n) {
         T* out = buffer.data() + used;
@@ -84,6 +101,9 @@ struct Gates {
     T *beta_r, *e, *f, *pi;  // [R], [W], [R], [3R]
     T beta_w, ga, gw;
     const T *read_keys, *write_key, *write_vector;  // [R, W], [W], [W]
+    // The variants' fields (null when off).
+    const T* variant_raw = nullptr;  // where they start in xi
+    T *s_f = nullptr, *s_b = nullptr;  // [R], [R] sharpness exponents oneplus(.) (link_sharpness)
 };
 
 // ---- Vectors ------------------------------------------------------------------------------------
@@ -214,7 +234,51 @@ Gates<T> parse(const Dims& d, const T* xi, Scratch<T>& scratch) {
     g.beta_w = T(1) + softplus(beta_w[0]);
     g.ga = sigmoid(free[R]);
     g.gw = sigmoid(free[R + 1]);
+    g.variant_raw = modes + 3 * R;  // their order: memory.interface_sizes
+    if (d.sharp()) {
+        const T* raw = g.variant_raw;
+        g.s_f = scratch.take(R);
+        g.s_b = scratch.take(R);
+        for (int64_t r = 0; r < R; ++r) {
+            g.s_f[r] = T(1) + softplus(raw[r]);
+            g.s_b[r] = T(1) + softplus(raw[R + r]);
+        }
+    }
     return g;
+}
+
+// Link-distribution sharpening (addressing.sharpen) of one weighting d [N] with exponent s:
+// out = x^s / sum x^s with x = (d + eps) / max(d + eps). A weighting of zeros becomes uniform.
+template <typename T>
+void sharpen(int64_t N, const T* d, T s, T* out) {
+    T top = -INFINITY;
+    for (int64_t n = 0; n < N; ++n) top = std::max(top, d[n] + T(EPSILON));
+    T sum = 0;
+    for (int64_t n = 0; n < N; ++n) {
+        out[n] = std::pow((d[n] + T(EPSILON)) / top, s);
+        sum += out[n];
+    }
+    for (int64_t n = 0; n < N; ++n) out[n] /= sum;
+}
+
+// Backward of `sharpen`: S = softmax(s log x), so with z = s log x, dz = S (grad - sum grad S),
+// d/ds = sum dz log x and d/dd = s dz / x (the max is detached and cancels). grad [N] holds
+// dLoss/dS and is overwritten with dLoss/dd; returns dLoss/ds.
+template <typename T>
+T sharpen_backward(int64_t N, const T* d, T s, const T* sharpened, T* grad) {
+    T top = -INFINITY, dot = 0;
+    for (int64_t n = 0; n < N; ++n) {
+        top = std::max(top, d[n] + T(EPSILON));
+        dot += grad[n] * sharpened[n];
+    }
+    T grad_s = 0;
+    for (int64_t n = 0; n < N; ++n) {
+        const T x = d[n] + T(EPSILON);
+        const T grad_z = sharpened[n] * (grad[n] - dot);
+        grad_s += grad_z * std::log(x / top);
+        grad[n] = s * grad_z / x;
+    }
+    return grad_s;
 }
 
 // Content weighting c = softmax(beta * cos(k, M[n])) over cells; also keeps the cosines and the
@@ -521,8 +585,16 @@ void forward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, c
     // f_r[i] = sum_j L[i,j] wr_{t-1}[r,j];  b_r[j] = sum_i L[i,j] wr_{t-1}[r,i].
     T* fwd = aux + d.fwd();
     T* bwd = aux + d.bwd();
-    std::fill(bwd, bwd + R * N, T(0));
-    link_forward(d, L_prev, p_prev, ww, wr_prev, L, fwd, bwd);
+    if (d.sharp()) {  // the weightings go to fwd_raw/bwd_raw, their sharpened versions to fwd/bwd
+        T *fwd_raw = aux + d.fwd_raw(), *bwd_raw = aux + d.bwd_raw();
+        link_forward(d, L_prev, p_prev, ww, wr_prev, L, fwd_raw, bwd_raw);
+        for (int64_t r = 0; r < R; ++r) {
+            sharpen(N, fwd_raw + r * N, g.s_f[r], fwd + r * N);
+            sharpen(N, bwd_raw + r * N, g.s_b[r], bwd + r * N);
+        }
+    } else {
+        link_forward(d, L_prev, p_prev, ww, wr_prev, L, fwd, bwd);
+    }
 
     for (int64_t n = 0; n < N; ++n) p[n] = (T(1) - total_write) * p_prev[n] + ww[n];
 
@@ -613,6 +685,17 @@ void backward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, 
         grad_beta_r[r] = content_backward(d, M, norm_new, read_keys + r * W, g.beta_r[r], cos_r + r * N,
                                           cr + r * N, key_norms[r], grad_cr + r * N, grad_M,
                                           grad_read_keys + r * W);
+    }
+
+    // Sharpening: grad_fwd and grad_bwd become the gradients of the weightings before it.
+    T *grad_s_f = nullptr, *grad_s_b = nullptr;
+    if (d.sharp()) {
+        grad_s_f = scratch.take(R);
+        grad_s_b = scratch.take(R);
+        for (int64_t r = 0; r < R; ++r) {
+            grad_s_f[r] = sharpen_backward(N, aux + d.fwd_raw() + r * N, g.s_f[r], fwd + r * N, grad_fwd + r * N);
+            grad_s_b[r] = sharpen_backward(N, aux + d.bwd_raw() + r * N, g.s_b[r], bwd + r * N, grad_bwd + r * N);
+        }
     }
 
     // M = M_{t-1} (1 - ww e^T) + ww v^T
@@ -729,13 +812,19 @@ void backward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, 
         const T dot = gp[0] * pi[0] + gp[1] * pi[1] + gp[2] * pi[2];
         for (int k = 0; k < 3; ++k) *gx++ = pi[k] * (gp[k] - dot);
     }
+    // The variants' fields, in memory.interface_sizes order.
+    const T* raw = g.variant_raw;
+    if (d.sharp()) {
+        for (int64_t r = 0; r < R; ++r) *gx++ = grad_s_f[r] * softplus_slope(raw[r]);
+        for (int64_t r = 0; r < R; ++r) *gx++ = grad_s_b[r] * softplus_slope(raw[R + r]);
+    }
 }
 
 template <typename T>
-void forward_batch(int64_t B, int64_t N, int64_t W, int64_t R, int threads, const T* xi, const T* M_prev,
+void forward_batch(int64_t B, int64_t N, int64_t W, int64_t R, int variants, int threads, const T* xi, const T* M_prev,
                    const T* L_prev, const T* p_prev, const T* wr_prev, const T* ww_prev, const T* u_prev,
                    T* reads, T* M, T* L, T* p, T* wr, T* ww, T* u, T* aux, int32_t* order) {
-    const Dims d{N, W, R};
+    const Dims d{N, W, R, variants};
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         Scratch<T> scratch(d);
@@ -750,13 +839,13 @@ void forward_batch(int64_t B, int64_t N, int64_t W, int64_t R, int threads, cons
 }
 
 template <typename T>
-void backward_batch(int64_t B, int64_t N, int64_t W, int64_t R, int threads, const T* xi, const T* M_prev,
+void backward_batch(int64_t B, int64_t N, int64_t W, int64_t R, int variants, int threads, const T* xi, const T* M_prev,
                     const T* L_prev, const T* p_prev, const T* wr_prev, const T* ww_prev, const T* u_prev,
                     const T* M, const T* wr, const T* ww, const T* aux, const int32_t* order,
                     const T* grad_reads, const T* grad_M, const T* grad_L, const T* grad_p, const T* grad_wr,
                     const T* grad_ww, const T* grad_u, T* g_xi, T* g_M_prev, T* g_L_prev, T* g_p_prev,
                     T* g_wr_prev, T* g_ww_prev, T* g_u_prev) {
-    const Dims d{N, W, R};
+    const Dims d{N, W, R, variants};
     const int64_t S = d.S();
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
@@ -829,25 +918,27 @@ void lstm_backward(int64_t B, int64_t H, const T* act, const T* c_prev, const T*
 
 extern "C" {
 
-int64_t dnc_interface_size(int64_t N, int64_t W, int64_t R) { return Dims{N, W, R}.S(); }
-int64_t dnc_aux_size(int64_t N, int64_t W, int64_t R) { return Dims{N, W, R}.aux(); }
+int64_t dnc_interface_size(int64_t N, int64_t W, int64_t R, int variants) { return Dims{N, W, R, variants}.S(); }
+int64_t dnc_aux_size(int64_t N, int64_t W, int64_t R, int variants) { return Dims{N, W, R, variants}.aux(); }
 
 #define DNC_DEFINE(SUFFIX, T)                                                                              \
-    void dnc_forward_##SUFFIX(int64_t B, int64_t N, int64_t W, int64_t R, int threads, const T* xi,         \
+    void dnc_forward_##SUFFIX(int64_t B, int64_t N, int64_t W, int64_t R, int variants, int threads,         \
+                              const T* xi,                                                                   \
                               const T* M_prev, const T* L_prev, const T* p_prev, const T* wr_prev,           \
                               const T* ww_prev, const T* u_prev, T* reads, T* M, T* L, T* p, T* wr, T* ww,   \
                               T* u, T* aux, int32_t* order) {                                                \
-        forward_batch<T>(B, N, W, R, threads, xi, M_prev, L_prev, p_prev, wr_prev, ww_prev, u_prev, reads,   \
+        forward_batch<T>(B, N, W, R, variants, threads, xi, M_prev, L_prev, p_prev, wr_prev, ww_prev, u_prev, reads,   \
                          M, L, p, wr, ww, u, aux, order);                                                    \
     }                                                                                                        \
-    void dnc_backward_##SUFFIX(int64_t B, int64_t N, int64_t W, int64_t R, int threads, const T* xi,        \
+    void dnc_backward_##SUFFIX(int64_t B, int64_t N, int64_t W, int64_t R, int variants, int threads,        \
+                               const T* xi,                                                                  \
                                const T* M_prev, const T* L_prev, const T* p_prev, const T* wr_prev,          \
                                const T* ww_prev, const T* u_prev, const T* M, const T* wr, const T* ww,      \
                                const T* aux, const int32_t* order, const T* grad_reads,                      \
                                const T* grad_M, const T* grad_L, const T* grad_p, const T* grad_wr,          \
                                const T* grad_ww, const T* grad_u, T* g_xi, T* g_M_prev, T* g_L_prev,         \
                                T* g_p_prev, T* g_wr_prev, T* g_ww_prev, T* g_u_prev) {                       \
-        backward_batch<T>(B, N, W, R, threads, xi, M_prev, L_prev, p_prev, wr_prev, ww_prev, u_prev, M, wr,  \
+        backward_batch<T>(B, N, W, R, variants, threads, xi, M_prev, L_prev, p_prev, wr_prev, ww_prev, u_prev, M, wr,  \
                           ww, aux, order, grad_reads, grad_M, grad_L, grad_p, grad_wr, grad_ww, grad_u,      \
                           g_xi, g_M_prev, g_L_prev, g_p_prev, g_wr_prev, g_ww_prev, g_u_prev);               \
     }
