@@ -353,7 +353,8 @@ def test_double_backward_is_refused():
 
 VARIANTS = {
     "link_sharpness": backends.Variants(link_sharpness=True),
-    "all": backends.Variants(link_sharpness=True),
+    "deallocation": backends.Variants(deallocation=True),
+    "all": backends.Variants(deallocation=True, link_sharpness=True),
 }
 
 

@@ -162,13 +162,13 @@ def available() -> tuple[bool, str]:
 
 
 NAME = "native"
-SUPPORTED_VARIANTS: tuple = ("link_sharpness",)  # of dnc_lab.backends.VARIANTS
+SUPPORTED_VARIANTS: tuple = ("link_sharpness", "deallocation")  # of dnc_lab.backends.VARIANTS
 
 
 
 def variant_bits(variants: Variants) -> int:
     """The bit set the kernels receive for ``variants`` (csrc's LINK_SHARPNESS, ...); 0 for the plain DNC."""
-    return int(variants.link_sharpness)
+    return variants.link_sharpness | variants.deallocation << 1
 
 
 def unsupported(config, device: torch.device, dtype: torch.dtype) -> Optional[str]:

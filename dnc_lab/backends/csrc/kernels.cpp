@@ -25,6 +25,8 @@
 // by a bit of `variants` (native.py passes them; the plain DNC is 0 and computes what it always did):
 //   link_sharpness  forward/backward weightings sharpened per read head, S(d, s) = d^s / sum d^s with
 //                   s = oneplus(raw): 2R raw fields s^f [R], s^b [R] at the end of xi;
+//   deallocation    M_{t-1} scaled row by row by the retention vector psi before erase and write
+//                   (addressing.deallocate): no fields, psi is the usage's;
 
 #include <algorithm>
 #include <cmath>
@@ -41,11 +43,13 @@ constexpr double EPSILON = 1e-6;  // addressing.EPSILON
 
 // The bits of the `variants` argument (native.VARIANT_BITS).
 constexpr int LINK_SHARPNESS = 1;
+constexpr int DEALLOCATION = 2;
 
 struct Dims {
     int64_t N, W, R;
     int variants = 0;  // the bits above
     bool sharp() const { return variants & LINK_SHARPNESS; }
+    bool dealloc() const { return variants & DEALLOCATION; }
     int64_t plain_S() const { return R * W + R + W + 1 + W + W + R + 1 + 1 + 3 * R; }
     int64_t S() const { return plain_S() + (sharp() ? 2 * R : 0); }
     // aux layout (offsets in elements)
@@ -75,7 +79,7 @@ struct Scratch {
     size_t used = 0;
     explicit Scratch(const Dims& d)
         : buffer(static_cast<size_t>(2 * d.N * d.W + 8 * d.R * d.N + 16 * d.N + 8 * d.W + d.R * d.W + 16 * d.R + 64 +
-                                     (d.sharp() ? 4 * d.R : 0))) {}
+                                     (d.sharp() ? 4 * d.R : 0) + (d.dealloc() ? 2 * d.N : 0))) {}
     void reset() { used = 0; }
     T* take(int64_t n) {
         T* out = buffer.data() + used;
@@ -530,11 +534,13 @@ void forward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, c
     const Gates<T> g = parse(d, xi, scratch);
     const T *read_keys = g.read_keys, *write_key = g.write_key, *write_vector = g.write_vector;
 
-    // Usage: u = (u_{t-1} + ww_{t-1} - u_{t-1} ww_{t-1}) * prod_r (1 - f_r wr_{t-1}[r]).
+    // Usage: u = (u_{t-1} + ww_{t-1} - u_{t-1} ww_{t-1}) * psi, psi = prod_r (1 - f_r wr_{t-1}[r]).
+    T* psi = d.dealloc() ? scratch.take(N) : nullptr;  // kept for deallocation
     for (int64_t n = 0; n < N; ++n) {
         T retention = 1;
         for (int64_t r = 0; r < R; ++r) retention *= T(1) - g.f[r] * wr_prev[r * N + n];
         u[n] = (u_prev[n] + ww_prev[n] - u_prev[n] * ww_prev[n]) * retention;
+        if (psi) psi[n] = retention;
     }
 
     // Write content lookup on the previous memory.
@@ -576,8 +582,15 @@ void forward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, c
         const T* row_prev = M_prev + n * W;
         T* row = M + n * W;
         const T wn = ww[n];
+        if (psi) {  // deallocation: M_{t-1} psi erased and written
+            const T keep = psi[n];
 #pragma omp simd
-        for (int64_t w = 0; w < W; ++w) row[w] = row_prev[w] * (T(1) - wn * g.e[w]) + wn * write_vector[w];
+            for (int64_t w = 0; w < W; ++w)
+                row[w] = (row_prev[w] * keep) * (T(1) - wn * g.e[w]) + wn * write_vector[w];
+        } else {
+#pragma omp simd
+            for (int64_t w = 0; w < W; ++w) row[w] = row_prev[w] * (T(1) - wn * g.e[w]) + wn * write_vector[w];
+        }
     }
 
     // Link matrix, and the directional weightings from it, one row of L at a time:
@@ -701,20 +714,48 @@ void backward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, 
     // M = M_{t-1} (1 - ww e^T) + ww v^T
     T* grad_ww = scratch.copy(grad_ww_out, N);
     T *grad_e = scratch.zeros(W), *grad_v = scratch.zeros(W);
-    for (int64_t n = 0; n < N; ++n) {
-        const T* row_prev = M_prev + n * W;
-        const T* grad_row = grad_M + n * W;
-        T* g_row_prev = g_M_prev + n * W;
-        const T wn = ww[n];
-        T acc = 0;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t w = 0; w < W; ++w) {
-            g_row_prev[w] = grad_row[w] * (T(1) - wn * g.e[w]);
-            acc += grad_row[w] * (write_vector[w] - row_prev[w] * g.e[w]);
-            grad_e[w] -= grad_row[w] * row_prev[w] * wn;
-            grad_v[w] += grad_row[w] * wn;
+    T* grad_psi_memory = nullptr;
+    if (d.dealloc()) {
+        // With deallocation M_{t-1} psi in place of M_{t-1}: dpsi[n] = sum_w dM'[n,w] M_{t-1}[n,w]
+        // with dM' = dM (1 - ww e^T); psi is recomputed (R N products).
+        grad_psi_memory = scratch.take(N);
+        for (int64_t n = 0; n < N; ++n) {
+            T keep = 1;
+            for (int64_t r = 0; r < R; ++r) keep *= T(1) - g.f[r] * wr_prev[r * N + n];
+            const T* row_prev = M_prev + n * W;
+            const T* grad_row = grad_M + n * W;
+            T* g_row_prev = g_M_prev + n * W;
+            const T wn = ww[n];
+            T acc = 0, acc_psi = 0;
+#pragma omp simd reduction(+ : acc, acc_psi)
+            for (int64_t w = 0; w < W; ++w) {
+                const T kept = row_prev[w] * keep;
+                const T grad_kept = grad_row[w] * (T(1) - wn * g.e[w]);
+                g_row_prev[w] = grad_kept * keep;
+                acc_psi += grad_kept * row_prev[w];
+                acc += grad_row[w] * (write_vector[w] - kept * g.e[w]);
+                grad_e[w] -= grad_row[w] * kept * wn;
+                grad_v[w] += grad_row[w] * wn;
+            }
+            grad_ww[n] += acc;
+            grad_psi_memory[n] = acc_psi;
         }
-        grad_ww[n] += acc;
+    } else {
+        for (int64_t n = 0; n < N; ++n) {
+            const T* row_prev = M_prev + n * W;
+            const T* grad_row = grad_M + n * W;
+            T* g_row_prev = g_M_prev + n * W;
+            const T wn = ww[n];
+            T acc = 0;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t w = 0; w < W; ++w) {
+                g_row_prev[w] = grad_row[w] * (T(1) - wn * g.e[w]);
+                acc += grad_row[w] * (write_vector[w] - row_prev[w] * g.e[w]);
+                grad_e[w] -= grad_row[w] * row_prev[w] * wn;
+                grad_v[w] += grad_row[w] * wn;
+            }
+            grad_ww[n] += acc;
+        }
     }
 
     // p = (1 - sum(ww)) p_{t-1} + ww
@@ -771,7 +812,7 @@ void backward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, 
         later = ga_j * (T(1) - sorted[j]) + sorted[j] * later;
     }
 
-    // Usage u = (u' + ww' - u' ww') psi, psi = prod_r (1 - f_r wr'[r]).
+    // Usage u = (u' + ww' - u' ww') psi, psi = prod_r (1 - f_r wr'[r]) (also in the memory with deallocation).
     T* grad_f = scratch.zeros(R);
     T* factors = scratch.take(R);
     for (int64_t n = 0; n < N; ++n) {
@@ -784,7 +825,7 @@ void backward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, 
         const T grad_written = grad_u[n] * psi;
         g_u_prev[n] = grad_written * (T(1) - ww_prev[n]);
         g_ww_prev[n] = grad_written * (T(1) - u_prev[n]);
-        const T grad_psi = grad_u[n] * written;
+        const T grad_psi = grad_u[n] * written + (grad_psi_memory ? grad_psi_memory[n] : T(0));
         for (int64_t r = 0; r < R; ++r) {
             T others = 1;  // prod over the other heads, without dividing by a factor that may be 0
             for (int64_t q = 0; q < R; ++q)
