@@ -20,7 +20,7 @@ import torch
 
 from dnc_lab import DNC, backends
 from dnc_lab import memory as M
-from dnc_lab.backends import native
+from dnc_lab.backends import Variants, native
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and os.environ.get("CI") != "true",
                                 reason="no C++ compiler (g++) to build the native step")
@@ -354,7 +354,8 @@ def test_double_backward_is_refused():
 VARIANTS = {
     "link_sharpness": backends.Variants(link_sharpness=True),
     "deallocation": backends.Variants(deallocation=True),
-    "all": backends.Variants(deallocation=True, link_sharpness=True),
+    "masked_lookup": backends.Variants(masked_lookup=True, mask_min=0.1),
+    "all": backends.Variants(masked_lookup=True, mask_min=0.25, deallocation=True, link_sharpness=True),
 }
 
 
@@ -450,25 +451,29 @@ def test_variant_interface_width_is_checked():
         assert lib.dnc_aux_size(5, 3, 2, bits) == native.aux_size(5, 3, 2, v)
 
 
-@pytest.mark.parametrize("name", list(VARIANTS))
-def test_dnc_with_variants_native_matches_reference(name):
-    """The whole sequence (dnc_lab.sequence, hand-written BPTT) and the per-step path (GRU), variants on."""
+@pytest.mark.parametrize("name, kwargs", [(name, dict(num_hidden_layers=2, checkpoint_steps=2)) for name in VARIANTS]
+                         + [("all", dict(rnn_type="gru"))],
+                         ids=[f"lstm-{name}" for name in VARIANTS] + ["gru-all"])
+def test_dnc_with_variants_native_matches_reference(name, kwargs):
+    """The whole sequence (dnc_lab.sequence, hand-written BPTT; links recomputed in segments of 2) and
+    the per-step path (GRU), variants on: output, final state and every gradient."""
     variants = VARIANTS[name]
     flags = dict(masked_lookup=variants.masked_lookup, deallocation=variants.deallocation,
                  link_sharpness=variants.link_sharpness, **(dict(mask_min=variants.mask_min) if variants.masked_lookup
                                                             else {}))
-    for kwargs in (dict(num_hidden_layers=2, checkpoint_steps=2), dict(rnn_type="gru")):
-        reference, fast = _pair(input_size=5, hidden_size=12, nr_cells=7, cell_size=4, read_heads=2, **kwargs, **flags)
-        x_ref = torch.randn(3, 6, 5, dtype=torch.float64, requires_grad=True)
-        x_fast = x_ref.detach().clone().requires_grad_()
-        out_ref, hx_ref = reference(x_ref)
-        out_fast, hx_fast = fast(x_fast)
-        torch.testing.assert_close(out_fast, out_ref, **TOL)
-        _loss(out_ref, hx_ref).backward() if "rnn_type" not in kwargs else out_ref.pow(2).sum().backward()
-        _loss(out_fast, hx_fast).backward() if "rnn_type" not in kwargs else out_fast.pow(2).sum().backward()
-        torch.testing.assert_close(x_fast.grad, x_ref.grad, **TOL)
-        for (param, p_ref), p_fast in zip(reference.named_parameters(), fast.parameters()):
-            torch.testing.assert_close(p_fast.grad, p_ref.grad, **TOL, msg=param)
+    reference, fast = _pair(input_size=5, hidden_size=12, nr_cells=7, cell_size=4, read_heads=2, **kwargs, **flags)
+    assert Variants.of(fast.core_config) == variants
+    x_ref = torch.randn(3, 6, 5, dtype=torch.float64, requires_grad=True)
+    x_fast = x_ref.detach().clone().requires_grad_()
+    out_ref, hx_ref = reference(x_ref)
+    out_fast, hx_fast = fast(x_fast)
+    torch.testing.assert_close(out_fast, out_ref, **TOL)
+    loss = _loss if kwargs.get("rnn_type", "lstm") == "lstm" else lambda out, hx: out.pow(2).sum()
+    loss(out_ref, hx_ref).backward()
+    loss(out_fast, hx_fast).backward()
+    torch.testing.assert_close(x_fast.grad, x_ref.grad, **TOL)
+    for (param, p_ref), p_fast in zip(reference.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(p_fast.grad, p_ref.grad, **TOL, msg=param)
 
 
 def test_the_step_passes_opcheck_with_variants():

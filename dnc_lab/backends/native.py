@@ -118,10 +118,10 @@ def _build() -> ctypes.CDLL:
     for suffix in ("f32", "f64"):
         forward = getattr(library, f"dnc_forward_{suffix}")
         forward.restype = None
-        forward.argtypes = [i64, i64, i64, i64, c_int, c_int] + [ptr] * 16
+        forward.argtypes = [i64, i64, i64, i64, c_int, ctypes.c_double, c_int] + [ptr] * 16
         backward = getattr(library, f"dnc_backward_{suffix}")
         backward.restype = None
-        backward.argtypes = [i64, i64, i64, i64, c_int, c_int] + [ptr] * 26
+        backward.argtypes = [i64, i64, i64, i64, c_int, ctypes.c_double, c_int] + [ptr] * 26
         link = getattr(library, f"dnc_link_{suffix}")
         link.restype = None
         link.argtypes = [i64, i64, c_int] + [ptr] * 4
@@ -162,13 +162,13 @@ def available() -> tuple[bool, str]:
 
 
 NAME = "native"
-SUPPORTED_VARIANTS: tuple = ("link_sharpness", "deallocation")  # of dnc_lab.backends.VARIANTS
+SUPPORTED_VARIANTS: tuple = ("masked_lookup", "deallocation", "link_sharpness")  # all of backends.VARIANTS  # of dnc_lab.backends.VARIANTS
 
 
 
 def variant_bits(variants: Variants) -> int:
     """The bit set the kernels receive for ``variants`` (csrc's LINK_SHARPNESS, ...); 0 for the plain DNC."""
-    return variants.link_sharpness | variants.deallocation << 1
+    return variants.link_sharpness | variants.deallocation << 1 | variants.masked_lookup << 2
 
 
 def unsupported(config, device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -191,13 +191,14 @@ STATE_NAMES = ("memory", "link_matrix", "precedence", "read_weights", "write_wei
 def interface_size(cells: int, width: int, reads: int, variants: Variants = PLAIN) -> int:
     """S, the raw interface width for one write head and ``variants`` (csrc's Dims::S, memory.interface_sizes)."""
     plain = reads * width + reads + 3 * width + 1 + reads + 2 + 3 * reads
-    return plain + (2 * reads if variants.link_sharpness else 0)
+    return plain + (reads * width + width if variants.masked_lookup else 0) + (2 * reads if variants.link_sharpness else 0)
 
 
 def aux_size(cells: int, width: int, reads: int, variants: Variants = PLAIN) -> int:
     """Per batch element, the floats forward keeps for backward (csrc's Dims::aux)."""
     plain = (7 + 4 * reads) * cells + reads + 1
-    return plain + (2 * reads * cells if variants.link_sharpness else 0)  # the weightings before sharpening
+    return (plain + (2 * reads * cells if variants.link_sharpness else 0)  # the weightings before sharpening
+            + (reads * cells if variants.masked_lookup else 0))  # each read head's row norms
 
 
 def state_shapes(batch: int, cells: int, width: int, reads: int) -> list[tuple[int, ...]]:
@@ -307,7 +308,7 @@ def memory_forward(raw: torch.Tensor, state: list[torch.Tensor], out: Optional[l
                for t, (shape, dtype), name in zip(given, shapes, names)]
     outputs, (aux, order) = results[:7], results[7:]
     _kernel("forward", raw.dtype)(
-        b, n, w, r, variant_bits(variants), _threads(b, n, w, r), *map(_pointer, inputs), *map(_pointer, outputs), _pointer(aux), _pointer(order)
+        b, n, w, r, variant_bits(variants), variants.mask_min, _threads(b, n, w, r), *map(_pointer, inputs), *map(_pointer, outputs), _pointer(aux), _pointer(order)
     )
     return outputs, Saved(*inputs, outputs[1], outputs[4], outputs[5], (aux, order))
 
@@ -335,7 +336,7 @@ def memory_backward(saved: Saved, grads: list[torch.Tensor], results: Optional[l
     aux, order = saved.extra
     kept = [*inputs, saved.new_memory, saved.new_read_weights, saved.new_write_weights, aux, order]
     _kernel("backward", inputs[1].dtype)(
-        b, n, w, r, variant_bits(variants), _threads(b, n, w, r), *map(_pointer, kept), *map(_pointer, grads), *map(_pointer, results)
+        b, n, w, r, variant_bits(variants), variants.mask_min, _threads(b, n, w, r), *map(_pointer, kept), *map(_pointer, grads), *map(_pointer, results)
     )
     return results
 

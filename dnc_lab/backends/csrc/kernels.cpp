@@ -27,6 +27,9 @@
 //                   s = oneplus(raw): 2R raw fields s^f [R], s^b [R] at the end of xi;
 //   deallocation    M_{t-1} scaled row by row by the retention vector psi before erase and write
 //                   (addressing.deallocate): no fields, psi is the usage's;
+//   masked_lookup   every content lookup compares k o m with M[n] o m, m = mask_min + (1 - mask_min)
+//                   sigma(raw) (addressing.masked_content_weighting): R*W + W raw fields m^r [R, W],
+//                   m^w [W] after pi (before the sharpness fields).
 
 #include <algorithm>
 #include <cmath>
@@ -44,22 +47,25 @@ constexpr double EPSILON = 1e-6;  // addressing.EPSILON
 // The bits of the `variants` argument (native.VARIANT_BITS).
 constexpr int LINK_SHARPNESS = 1;
 constexpr int DEALLOCATION = 2;
+constexpr int MASKED_LOOKUP = 4;
 
 struct Dims {
     int64_t N, W, R;
-    int variants = 0;  // the bits above
+    int variants = 0;      // the bits above
+    double mask_min = 0;  // the masks' floor (masked_lookup)
     bool sharp() const { return variants & LINK_SHARPNESS; }
     bool dealloc() const { return variants & DEALLOCATION; }
+    bool masked() const { return variants & MASKED_LOOKUP; }
     int64_t plain_S() const { return R * W + R + W + 1 + W + W + R + 1 + 1 + 3 * R; }
-    int64_t S() const { return plain_S() + (sharp() ? 2 * R : 0); }
+    int64_t S() const { return plain_S() + (masked() ? R * W + W : 0) + (sharp() ? 2 * R : 0); }
     // aux layout (offsets in elements)
     int64_t cw() const { return 0; }               // [N] write content weights c^w
     int64_t cos_w() const { return N; }            // [N] cosine(k^w, M_{t-1}[n])
-    int64_t norm_prev() const { return 2 * N; }    // [N] |M_{t-1}[n]|
+    int64_t norm_prev() const { return 2 * N; }    // [N] |M_{t-1}[n]| (masked_lookup: |M_{t-1}[n] o m^w|)
     int64_t alloc() const { return 3 * N; }        // [N] allocation weights a
     int64_t sorted() const { return 4 * N; }       // [N] usage in ascending order
     int64_t before() const { return 5 * N; }       // [N] exclusive cumulative product of sorted usage
-    int64_t norm_new() const { return 6 * N; }     // [N] |M_t[n]|
+    int64_t norm_new() const { return 6 * N; }     // [N] |M_t[n]| (masked_lookup: 0, see masked_norms)
     int64_t fwd() const { return 7 * N; }          // [R, N] forward weightings f = L w^r_{t-1}
     int64_t bwd() const { return (7 + R) * N; }    // [R, N] backward weightings b = L^T w^r_{t-1}
     int64_t cr() const { return (7 + 2 * R) * N; } // [R, N] read content weights c^r
@@ -69,7 +75,8 @@ struct Dims {
     // The variants' part, after the plain DNC's (fwd() and bwd() then hold the sharpened weightings).
     int64_t fwd_raw() const { return plain_aux(); }         // [R, N] f before sharpening (link_sharpness)
     int64_t bwd_raw() const { return plain_aux() + R * N; } // [R, N] b before sharpening
-    int64_t aux() const { return plain_aux() + (sharp() ? 2 * R * N : 0); }
+    int64_t masked_norms() const { return plain_aux() + (sharp() ? 2 * R * N : 0); }  // [R, N] |M_t[n] o m^r_i|
+    int64_t aux() const { return masked_norms() + (masked() ? R * N : 0); }
 };
 
 // Per-thread working memory, reused for every batch element: no allocation inside the loop.
@@ -79,7 +86,8 @@ struct Scratch {
     size_t used = 0;
     explicit Scratch(const Dims& d)
         : buffer(static_cast<size_t>(2 * d.N * d.W + 8 * d.R * d.N + 16 * d.N + 8 * d.W + d.R * d.W + 16 * d.R + 64 +
-                                     (d.sharp() ? 4 * d.R : 0) + (d.dealloc() ? 2 * d.N : 0))) {}
+                                     (d.sharp() ? 4 * d.R : 0) + (d.dealloc() ? 2 * d.N : 0) +
+                                     (d.masked() ? 6 * (d.R + 1) * d.W : 0))) {}
     void reset() { used = 0; }
     T* take(int64_t n) {
         T* out = buffer.data() + used;
@@ -108,6 +116,7 @@ struct Gates {
     // The variants' fields (null when off).
     const T* variant_raw = nullptr;  // where they start in xi
     T *s_f = nullptr, *s_b = nullptr;  // [R], [R] sharpness exponents oneplus(.) (link_sharpness)
+    T *mask_r = nullptr, *mask_w = nullptr;  // [R, W], [W] lookup masks (masked_lookup)
 };
 
 // ---- Vectors ------------------------------------------------------------------------------------
@@ -239,8 +248,16 @@ Gates<T> parse(const Dims& d, const T* xi, Scratch<T>& scratch) {
     g.ga = sigmoid(free[R]);
     g.gw = sigmoid(free[R + 1]);
     g.variant_raw = modes + 3 * R;  // their order: memory.interface_sizes
+    const T* raw = g.variant_raw;
+    if (d.masked()) {
+        const T floor = T(d.mask_min), span = T(1) - T(d.mask_min);
+        g.mask_r = scratch.take(R * W);
+        g.mask_w = scratch.take(W);
+        for (int64_t k = 0; k < R * W; ++k) g.mask_r[k] = floor + span * sigmoid(raw[k]);
+        for (int64_t w = 0; w < W; ++w) g.mask_w[w] = floor + span * sigmoid(raw[R * W + w]);
+        raw += R * W + W;
+    }
     if (d.sharp()) {
-        const T* raw = g.variant_raw;
         g.s_f = scratch.take(R);
         g.s_b = scratch.take(R);
         for (int64_t r = 0; r < R; ++r) {
@@ -338,6 +355,81 @@ T content_backward(const Dims& d, const T* M, const T* row_norms, const T* key, 
     }
     const T c = grad_cos_dot_cos / (key_norm * key_norm);
     for (int64_t w = 0; w < W; ++w) grad_key[w] -= c * key[w];
+    return grad_beta;
+}
+
+// Masked content weighting (addressing.masked_content_weighting): c = softmax(beta * cos(k o m, M[n] o m)),
+// with (k o m).(M[n] o m) = sum_w k_w m_w^2 M[n,w]. Keeps the cosines, the key norm |k o m| and the
+// row norms |M[n] o m| [N] (one per head: they depend on its mask).
+template <typename T>
+void masked_content(const Dims& d, const T* M, const T* key, const T* mask, T beta, T* cos, T* weights,
+                    T* key_norm, T* row_norms, Scratch<T>& scratch) {
+    const int64_t N = d.N, W = d.W;
+    T *mask_sq = scratch.take(W), *masked_key = scratch.take(W);  // m^2, k m^2
+    T kk = 0;
+    for (int64_t w = 0; w < W; ++w) {
+        mask_sq[w] = mask[w] * mask[w];
+        masked_key[w] = key[w] * mask_sq[w];
+        const T km = key[w] * mask[w];
+        kk += km * km;
+    }
+    const T nk = std::sqrt(kk + T(EPSILON));
+    *key_norm = nk;
+    T top = -INFINITY;
+    for (int64_t n = 0; n < N; ++n) {
+        const T* row = M + n * W;
+        T dot = 0, sq = 0;
+#pragma omp simd reduction(+ : dot, sq)
+        for (int64_t w = 0; w < W; ++w) {
+            dot += row[w] * masked_key[w];
+            sq += row[w] * row[w] * mask_sq[w];
+        }
+        row_norms[n] = std::sqrt(sq + T(EPSILON));
+        cos[n] = dot / (nk * row_norms[n]);
+        top = std::max(top, beta * cos[n]);
+    }
+    for (int64_t n = 0; n < N; ++n) weights[n] = beta * cos[n] - top;
+    exp_in_place(weights, N);
+    T sum = 0;
+    for (int64_t n = 0; n < N; ++n) sum += weights[n];
+    for (int64_t n = 0; n < N; ++n) weights[n] /= sum;
+}
+
+// Backward of `masked_content`: adds to grad_M [N, W], grad_key [W] and grad_mask [W], returns d/d beta.
+// With g_n = dLoss/dcos_n, a_n = g_n / (|k o m| |M[n] o m|), b_n = g_n cos_n / |M[n] o m|^2 and
+// c = sum_n g_n cos_n / |k o m|^2:  dM[n,w] = m_w^2 (a_n k_w - b_n M[n,w]),  dk_w = m_w^2 (A_w - c k_w),
+// dm_w = m_w (2 k_w A_w - c k_w^2 - B_w), where A_w = sum_n a_n M[n,w] and B_w = sum_n b_n M[n,w]^2.
+template <typename T>
+T masked_content_backward(const Dims& d, const T* M, const T* row_norms, const T* key, const T* mask, T beta,
+                          const T* cos, const T* weights, T key_norm, const T* grad_weights, T* grad_M,
+                          T* grad_key, T* grad_mask, Scratch<T>& scratch) {
+    const int64_t N = d.N, W = d.W;
+    T *mask_sq = scratch.take(W), *A = scratch.zeros(W), *B = scratch.zeros(W);
+    for (int64_t w = 0; w < W; ++w) mask_sq[w] = mask[w] * mask[w];
+    T dot = 0;
+    for (int64_t n = 0; n < N; ++n) dot += grad_weights[n] * weights[n];
+    T grad_beta = 0, grad_cos_dot_cos = 0;
+    for (int64_t n = 0; n < N; ++n) {
+        const T grad_z = weights[n] * (grad_weights[n] - dot);  // softmax backward
+        grad_beta += grad_z * cos[n];
+        const T grad_cos = beta * grad_z;
+        grad_cos_dot_cos += grad_cos * cos[n];
+        const T* row = M + n * W;
+        T* grad_row = grad_M + n * W;
+        const T a = grad_cos / (key_norm * row_norms[n]);
+        const T b = grad_cos * cos[n] / (row_norms[n] * row_norms[n]);
+#pragma omp simd
+        for (int64_t w = 0; w < W; ++w) {
+            A[w] += a * row[w];
+            B[w] += b * row[w] * row[w];
+            grad_row[w] += mask_sq[w] * (a * key[w] - b * row[w]);
+        }
+    }
+    const T c = grad_cos_dot_cos / (key_norm * key_norm);
+    for (int64_t w = 0; w < W; ++w) {
+        grad_key[w] += mask_sq[w] * (A[w] - c * key[w]);
+        grad_mask[w] += mask[w] * (T(2) * key[w] * A[w] - c * key[w] * key[w] - B[w]);
+    }
     return grad_beta;
 }
 
@@ -545,9 +637,14 @@ void forward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, c
 
     // Write content lookup on the previous memory.
     T* norm_prev = aux + d.norm_prev();
-    row_norms(d, M_prev, norm_prev);
     T* cw = aux + d.cw();
-    content(d, M_prev, norm_prev, write_key, g.beta_w, aux + d.cos_w(), cw, aux + d.key_norms() + R);
+    if (d.masked()) {
+        masked_content(d, M_prev, write_key, g.mask_w, g.beta_w, aux + d.cos_w(), cw, aux + d.key_norms() + R,
+                       norm_prev, scratch);
+    } else {
+        row_norms(d, M_prev, norm_prev);
+        content(d, M_prev, norm_prev, write_key, g.beta_w, aux + d.cos_w(), cw, aux + d.key_norms() + R);
+    }
 
     // Allocation: cells by ascending usage, ties by index (addressing uses a stable sort).
     std::iota(order, order + N, 0);
@@ -613,12 +710,19 @@ void forward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, c
 
     // Read heads: content lookups on the new memory, mixed with the directional weightings.
     T* norm_new = aux + d.norm_new();
-    row_norms(d, M, norm_new);
+    if (d.masked())
+        std::fill(norm_new, norm_new + N, T(0));  // unused: each head has its own norms
+    else
+        row_norms(d, M, norm_new);
     T* cr = aux + d.cr();
     T* cos_r = aux + d.cos_r();
     for (int64_t r = 0; r < R; ++r) {
-        content(d, M, norm_new, read_keys + r * W, g.beta_r[r], cos_r + r * N, cr + r * N,
-                aux + d.key_norms() + r);
+        if (d.masked())
+            masked_content(d, M, read_keys + r * W, g.mask_r + r * W, g.beta_r[r], cos_r + r * N, cr + r * N,
+                           aux + d.key_norms() + r, aux + d.masked_norms() + r * N, scratch);
+        else
+            content(d, M, norm_new, read_keys + r * W, g.beta_r[r], cos_r + r * N, cr + r * N,
+                    aux + d.key_norms() + r);
         const T pb = g.pi[3 * r], pf = g.pi[3 * r + 1], pc = g.pi[3 * r + 2];
         T* w_r = wr + r * N;
         for (int64_t n = 0; n < N; ++n) w_r[n] = pb * bwd[r * N + n] + pf * fwd[r * N + n] + pc * cr[r * N + n];
@@ -662,6 +766,8 @@ void backward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, 
     T* grad_wr = scratch.copy(grad_wr_out, R * N);
     T *grad_fwd = scratch.take(R * N), *grad_bwd = scratch.take(R * N), *grad_cr = scratch.take(R * N);
     T *grad_beta_r = scratch.take(R), *grad_pi = scratch.take(3 * R), *grad_read_keys = scratch.zeros(R * W);
+    T* grad_mask_r = d.masked() ? scratch.zeros(R * W) : nullptr;
+    T* grad_mask_w = d.masked() ? scratch.zeros(W) : nullptr;
 
     // reads[r] = sum_n wr[r,n] M[n]
     for (int64_t r = 0; r < R; ++r) {
@@ -695,9 +801,15 @@ void backward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, 
         grad_pi[3 * r] = sb;
         grad_pi[3 * r + 1] = sf;
         grad_pi[3 * r + 2] = sc;
-        grad_beta_r[r] = content_backward(d, M, norm_new, read_keys + r * W, g.beta_r[r], cos_r + r * N,
-                                          cr + r * N, key_norms[r], grad_cr + r * N, grad_M,
-                                          grad_read_keys + r * W);
+        if (d.masked())
+            grad_beta_r[r] = masked_content_backward(d, M, aux + d.masked_norms() + r * N, read_keys + r * W,
+                                                     g.mask_r + r * W, g.beta_r[r], cos_r + r * N, cr + r * N,
+                                                     key_norms[r], grad_cr + r * N, grad_M, grad_read_keys + r * W,
+                                                     grad_mask_r + r * W, scratch);
+        else
+            grad_beta_r[r] = content_backward(d, M, norm_new, read_keys + r * W, g.beta_r[r], cos_r + r * N,
+                                              cr + r * N, key_norms[r], grad_cr + r * N, grad_M,
+                                              grad_read_keys + r * W);
     }
 
     // Sharpening: grad_fwd and grad_bwd become the gradients of the weightings before it.
@@ -796,8 +908,11 @@ void backward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, 
     // Write content lookup on M_{t-1}.
     T* grad_write_key = scratch.zeros(W);
     const T grad_beta_w =
-        content_backward(d, M_prev, aux + d.norm_prev(), write_key, g.beta_w, aux + d.cos_w(), cw, key_norms[R],
-                         grad_cw, g_M_prev, grad_write_key);
+        d.masked() ? masked_content_backward(d, M_prev, aux + d.norm_prev(), write_key, g.mask_w, g.beta_w,
+                                             aux + d.cos_w(), cw, key_norms[R], grad_cw, g_M_prev, grad_write_key,
+                                             grad_mask_w, scratch)
+                   : content_backward(d, M_prev, aux + d.norm_prev(), write_key, g.beta_w, aux + d.cos_w(), cw,
+                                      key_norms[R], grad_cw, g_M_prev, grad_write_key);
 
     // Allocation a[order[j]] = (1 - s_j) P_j with s the sorted usage and P_j = prod_{i<j} s_i.
     // ds_j = P_j (Q_j - ga_j), Q_j = sum_{k>j} ga_k (1 - s_k) prod_{j<i<k} s_i, by the recurrence
@@ -855,6 +970,14 @@ void backward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, 
     }
     // The variants' fields, in memory.interface_sizes order.
     const T* raw = g.variant_raw;
+    if (d.masked()) {  // m = mask_min + (1 - mask_min) sigma(raw)
+        const T span = T(1) - T(d.mask_min);
+        for (int64_t k = 0; k < R * W + W; ++k) {
+            const T s = sigmoid(raw[k]);
+            *gx++ = (k < R * W ? grad_mask_r[k] : grad_mask_w[k - R * W]) * span * s * (T(1) - s);
+        }
+        raw += R * W + W;
+    }
     if (d.sharp()) {
         for (int64_t r = 0; r < R; ++r) *gx++ = grad_s_f[r] * softplus_slope(raw[r]);
         for (int64_t r = 0; r < R; ++r) *gx++ = grad_s_b[r] * softplus_slope(raw[R + r]);
@@ -862,10 +985,10 @@ void backward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, 
 }
 
 template <typename T>
-void forward_batch(int64_t B, int64_t N, int64_t W, int64_t R, int variants, int threads, const T* xi, const T* M_prev,
+void forward_batch(int64_t B, int64_t N, int64_t W, int64_t R, int variants, double mask_min, int threads, const T* xi, const T* M_prev,
                    const T* L_prev, const T* p_prev, const T* wr_prev, const T* ww_prev, const T* u_prev,
                    T* reads, T* M, T* L, T* p, T* wr, T* ww, T* u, T* aux, int32_t* order) {
-    const Dims d{N, W, R, variants};
+    const Dims d{N, W, R, variants, mask_min};
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         Scratch<T> scratch(d);
@@ -880,13 +1003,14 @@ void forward_batch(int64_t B, int64_t N, int64_t W, int64_t R, int variants, int
 }
 
 template <typename T>
-void backward_batch(int64_t B, int64_t N, int64_t W, int64_t R, int variants, int threads, const T* xi, const T* M_prev,
+void backward_batch(int64_t B, int64_t N, int64_t W, int64_t R, int variants, double mask_min, int threads,
+                    const T* xi, const T* M_prev,
                     const T* L_prev, const T* p_prev, const T* wr_prev, const T* ww_prev, const T* u_prev,
                     const T* M, const T* wr, const T* ww, const T* aux, const int32_t* order,
                     const T* grad_reads, const T* grad_M, const T* grad_L, const T* grad_p, const T* grad_wr,
                     const T* grad_ww, const T* grad_u, T* g_xi, T* g_M_prev, T* g_L_prev, T* g_p_prev,
                     T* g_wr_prev, T* g_ww_prev, T* g_u_prev) {
-    const Dims d{N, W, R, variants};
+    const Dims d{N, W, R, variants, mask_min};
     const int64_t S = d.S();
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
@@ -963,15 +1087,17 @@ int64_t dnc_interface_size(int64_t N, int64_t W, int64_t R, int variants) { retu
 int64_t dnc_aux_size(int64_t N, int64_t W, int64_t R, int variants) { return Dims{N, W, R, variants}.aux(); }
 
 #define DNC_DEFINE(SUFFIX, T)                                                                              \
-    void dnc_forward_##SUFFIX(int64_t B, int64_t N, int64_t W, int64_t R, int variants, int threads,         \
+    void dnc_forward_##SUFFIX(int64_t B, int64_t N, int64_t W, int64_t R, int variants, double mask_min,    \
+                              int threads,                                                                   \
                               const T* xi,                                                                   \
                               const T* M_prev, const T* L_prev, const T* p_prev, const T* wr_prev,           \
                               const T* ww_prev, const T* u_prev, T* reads, T* M, T* L, T* p, T* wr, T* ww,   \
                               T* u, T* aux, int32_t* order) {                                                \
-        forward_batch<T>(B, N, W, R, variants, threads, xi, M_prev, L_prev, p_prev, wr_prev, ww_prev, u_prev, reads,   \
+        forward_batch<T>(B, N, W, R, variants, mask_min, threads, xi, M_prev, L_prev, p_prev, wr_prev, ww_prev, u_prev, reads,   \
                          M, L, p, wr, ww, u, aux, order);                                                    \
     }                                                                                                        \
-    void dnc_backward_##SUFFIX(int64_t B, int64_t N, int64_t W, int64_t R, int variants, int threads,        \
+    void dnc_backward_##SUFFIX(int64_t B, int64_t N, int64_t W, int64_t R, int variants, double mask_min,   \
+                               int threads,                                                                  \
                                const T* xi,                                                                  \
                                const T* M_prev, const T* L_prev, const T* p_prev, const T* wr_prev,          \
                                const T* ww_prev, const T* u_prev, const T* M, const T* wr, const T* ww,      \
@@ -979,7 +1105,7 @@ int64_t dnc_aux_size(int64_t N, int64_t W, int64_t R, int variants) { return Dim
                                const T* grad_M, const T* grad_L, const T* grad_p, const T* grad_wr,          \
                                const T* grad_ww, const T* grad_u, T* g_xi, T* g_M_prev, T* g_L_prev,         \
                                T* g_p_prev, T* g_wr_prev, T* g_ww_prev, T* g_u_prev) {                       \
-        backward_batch<T>(B, N, W, R, variants, threads, xi, M_prev, L_prev, p_prev, wr_prev, ww_prev, u_prev, M, wr,  \
+        backward_batch<T>(B, N, W, R, variants, mask_min, threads, xi, M_prev, L_prev, p_prev, wr_prev, ww_prev, u_prev, M, wr,  \
                           ww, aux, order, grad_reads, grad_M, grad_L, grad_p, grad_wr, grad_ww, grad_u,      \
                           g_xi, g_M_prev, g_L_prev, g_p_prev, g_wr_prev, g_ww_prev, g_u_prev);               \
     }
