@@ -477,6 +477,8 @@ def test_dnc_with_variants_native_matches_reference(name, kwargs):
 
 
 def test_the_step_passes_opcheck_with_variants():
+    """The operator's fake implementation (extra_shapes, the interface width) and autograd
+    registration with every variant on."""
     from torch.library import opcheck
 
     variants = VARIANTS["all"]
@@ -485,6 +487,29 @@ def test_the_step_passes_opcheck_with_variants():
                       requires_grad=True)
     state = [t.requires_grad_() for t in random_state(2, 5, 3, 2, generator=g).values()]
     assert set(opcheck(native._step_op, (raw, *state, *variants)).values()) == {"SUCCESS"}
+
+
+@pytest.mark.slow
+def test_the_sequence_passes_opcheck_with_variants():
+    from torch.library import opcheck
+
+    from dnc_lab import sequence
+    from dnc_lab.controller import rnn_weights
+
+    variants = VARIANTS["all"]
+    torch.manual_seed(0)
+    model = DNC(4, 8, nr_cells=5, cell_size=3, read_heads=2, backend="native", masked_lookup=True, mask_min=0.25,
+                deallocation=True, link_sharpness=True).double()
+    core, steps, batch = model.cores[0], 3, 2
+    access = core.memories[0]
+    layers = rnn_weights(core.controllers[0])
+    lstm = [t for layer in layers for t in layer]
+    memory = list(access.initial_state(batch, torch.float64, torch.device("cpu")).values())
+    x = torch.randn(steps, batch, 4, dtype=torch.float64, requires_grad=True)
+    h0 = torch.zeros(len(layers), batch, 8, dtype=torch.float64)
+    args = ("native", x, h0, h0.clone(), torch.zeros(batch, 6, dtype=torch.float64), memory, lstm,
+            access.interface.weight, access.interface.bias, 20.0, 2, *variants)
+    assert set(opcheck(sequence._sequence_op, args).values()) == {"SUCCESS"}
 
 
 def test_auto_takes_native_for_the_variants_it_implements():

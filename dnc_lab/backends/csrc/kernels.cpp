@@ -271,7 +271,7 @@ Gates<T> parse(const Dims& d, const T* xi, Scratch<T>& scratch) {
 // Link-distribution sharpening (addressing.sharpen) of one weighting d [N] with exponent s:
 // out = x^s / sum x^s with x = (d + eps) / max(d + eps). A weighting of zeros becomes uniform.
 template <typename T>
-void sharpen(int64_t N, const T* d, T s, T* out) {
+__attribute__((noinline)) void sharpen(int64_t N, const T* d, T s, T* out) {
     T top = -INFINITY;
     for (int64_t n = 0; n < N; ++n) top = std::max(top, d[n] + T(EPSILON));
     T sum = 0;
@@ -286,7 +286,7 @@ void sharpen(int64_t N, const T* d, T s, T* out) {
 // d/ds = sum dz log x and d/dd = s dz / x (the max is detached and cancels). grad [N] holds
 // dLoss/dS and is overwritten with dLoss/dd; returns dLoss/ds.
 template <typename T>
-T sharpen_backward(int64_t N, const T* d, T s, const T* sharpened, T* grad) {
+__attribute__((noinline)) T sharpen_backward(int64_t N, const T* d, T s, const T* sharpened, T* grad) {
     T top = -INFINITY, dot = 0;
     for (int64_t n = 0; n < N; ++n) {
         top = std::max(top, d[n] + T(EPSILON));
@@ -362,7 +362,7 @@ T content_backward(const Dims& d, const T* M, const T* row_norms, const T* key, 
 // with (k o m).(M[n] o m) = sum_w k_w m_w^2 M[n,w]. Keeps the cosines, the key norm |k o m| and the
 // row norms |M[n] o m| [N] (one per head: they depend on its mask).
 template <typename T>
-void masked_content(const Dims& d, const T* M, const T* key, const T* mask, T beta, T* cos, T* weights,
+__attribute__((noinline)) void masked_content(const Dims& d, const T* M, const T* key, const T* mask, T beta, T* cos, T* weights,
                     T* key_norm, T* row_norms, Scratch<T>& scratch) {
     const int64_t N = d.N, W = d.W;
     T *mask_sq = scratch.take(W), *masked_key = scratch.take(W);  // m^2, k m^2
@@ -400,7 +400,7 @@ void masked_content(const Dims& d, const T* M, const T* key, const T* mask, T be
 // c = sum_n g_n cos_n / |k o m|^2:  dM[n,w] = m_w^2 (a_n k_w - b_n M[n,w]),  dk_w = m_w^2 (A_w - c k_w),
 // dm_w = m_w (2 k_w A_w - c k_w^2 - B_w), where A_w = sum_n a_n M[n,w] and B_w = sum_n b_n M[n,w]^2.
 template <typename T>
-T masked_content_backward(const Dims& d, const T* M, const T* row_norms, const T* key, const T* mask, T beta,
+__attribute__((noinline)) T masked_content_backward(const Dims& d, const T* M, const T* row_norms, const T* key, const T* mask, T beta,
                           const T* cos, const T* weights, T key_norm, const T* grad_weights, T* grad_M,
                           T* grad_key, T* grad_mask, Scratch<T>& scratch) {
     const int64_t N = d.N, W = d.W;
@@ -617,28 +617,62 @@ void link_backward(const Dims& d, const T* L_prev, const T* p_prev, const T* ww,
 #undef DNC_LINK_BACKWARD
 }
 
+// Backward of erase and write with deallocation, M = (M_{t-1} psi) (1 - ww e^T) + ww v^T: as the
+// plain DNC's (in backward_one) with M_{t-1} psi for M_{t-1}, plus dpsi[n] = sum_w dM'[n,w] M_{t-1}[n,w]
+// with dM' = dM (1 - ww e^T). psi = prod_r (1 - f_r wr_{t-1}[r]) is recomputed (R N products).
+// A function of its own: in backward_one it made the plain step slower (the compiler inlined less).
+template <typename T>
+__attribute__((noinline)) void deallocated_write_backward(const Dims& d, const Gates<T>& g, const T* M_prev,
+                                                          const T* wr_prev, const T* ww, const T* grad_M,
+                                                          T* g_M_prev, T* grad_ww, T* grad_e, T* grad_v,
+                                                          T* grad_psi) {
+    const int64_t N = d.N, W = d.W, R = d.R;
+    for (int64_t n = 0; n < N; ++n) {
+        T keep = 1;
+        for (int64_t r = 0; r < R; ++r) keep *= T(1) - g.f[r] * wr_prev[r * N + n];
+        const T* row_prev = M_prev + n * W;
+        const T* grad_row = grad_M + n * W;
+        T* g_row_prev = g_M_prev + n * W;
+        const T wn = ww[n];
+        T acc = 0, acc_psi = 0;
+#pragma omp simd reduction(+ : acc, acc_psi)
+        for (int64_t w = 0; w < W; ++w) {
+            const T kept = row_prev[w] * keep;
+            const T grad_kept = grad_row[w] * (T(1) - wn * g.e[w]);
+            g_row_prev[w] = grad_kept * keep;
+            acc_psi += grad_kept * row_prev[w];
+            acc += grad_row[w] * (g.write_vector[w] - kept * g.e[w]);
+            grad_e[w] -= grad_row[w] * kept * wn;
+            grad_v[w] += grad_row[w] * wn;
+        }
+        grad_ww[n] += acc;
+        grad_psi[n] = acc_psi;
+    }
+}
+
 template <typename T>
 void forward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, const T* p_prev,
                  const T* wr_prev, const T* ww_prev, const T* u_prev, T* reads, T* M, T* L, T* p, T* wr,
                  T* ww, T* u, T* aux, int32_t* order, Scratch<T>& scratch) {
     const int64_t N = d.N, W = d.W, R = d.R;
+    const bool masked = d.masked(), sharp = d.sharp(), dealloc = d.dealloc();
     scratch.reset();
     const Gates<T> g = parse(d, xi, scratch);
     const T *read_keys = g.read_keys, *write_key = g.write_key, *write_vector = g.write_vector;
 
     // Usage: u = (u_{t-1} + ww_{t-1} - u_{t-1} ww_{t-1}) * psi, psi = prod_r (1 - f_r wr_{t-1}[r]).
-    T* psi = d.dealloc() ? scratch.take(N) : nullptr;  // kept for deallocation
+    T* psi = dealloc ? scratch.take(N) : nullptr;  // kept for deallocation
     for (int64_t n = 0; n < N; ++n) {
         T retention = 1;
         for (int64_t r = 0; r < R; ++r) retention *= T(1) - g.f[r] * wr_prev[r * N + n];
         u[n] = (u_prev[n] + ww_prev[n] - u_prev[n] * ww_prev[n]) * retention;
-        if (psi) psi[n] = retention;
+        if (dealloc) psi[n] = retention;
     }
 
     // Write content lookup on the previous memory.
     T* norm_prev = aux + d.norm_prev();
     T* cw = aux + d.cw();
-    if (d.masked()) {
+    if (masked) {
         masked_content(d, M_prev, write_key, g.mask_w, g.beta_w, aux + d.cos_w(), cw, aux + d.key_norms() + R,
                        norm_prev, scratch);
     } else {
@@ -679,7 +713,7 @@ void forward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, c
         const T* row_prev = M_prev + n * W;
         T* row = M + n * W;
         const T wn = ww[n];
-        if (psi) {  // deallocation: M_{t-1} psi erased and written
+        if (dealloc) {  // M_{t-1} psi erased and written
             const T keep = psi[n];
 #pragma omp simd
             for (int64_t w = 0; w < W; ++w)
@@ -695,7 +729,7 @@ void forward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, c
     // f_r[i] = sum_j L[i,j] wr_{t-1}[r,j];  b_r[j] = sum_i L[i,j] wr_{t-1}[r,i].
     T* fwd = aux + d.fwd();
     T* bwd = aux + d.bwd();
-    if (d.sharp()) {  // the weightings go to fwd_raw/bwd_raw, their sharpened versions to fwd/bwd
+    if (sharp) {  // the weightings go to fwd_raw/bwd_raw, their sharpened versions to fwd/bwd
         T *fwd_raw = aux + d.fwd_raw(), *bwd_raw = aux + d.bwd_raw();
         link_forward(d, L_prev, p_prev, ww, wr_prev, L, fwd_raw, bwd_raw);
         for (int64_t r = 0; r < R; ++r) {
@@ -710,14 +744,14 @@ void forward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, c
 
     // Read heads: content lookups on the new memory, mixed with the directional weightings.
     T* norm_new = aux + d.norm_new();
-    if (d.masked())
+    if (masked)
         std::fill(norm_new, norm_new + N, T(0));  // unused: each head has its own norms
     else
         row_norms(d, M, norm_new);
     T* cr = aux + d.cr();
     T* cos_r = aux + d.cos_r();
     for (int64_t r = 0; r < R; ++r) {
-        if (d.masked())
+        if (masked)
             masked_content(d, M, read_keys + r * W, g.mask_r + r * W, g.beta_r[r], cos_r + r * N, cr + r * N,
                            aux + d.key_norms() + r, aux + d.masked_norms() + r * N, scratch);
         else
@@ -752,6 +786,7 @@ void backward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, 
                   const T* grad_u_out, T* g_xi, T* g_M_prev, T* g_L_prev, T* g_p_prev, T* g_wr_prev,
                   T* g_ww_prev, T* g_u_prev, Scratch<T>& scratch) {
     const int64_t N = d.N, W = d.W, R = d.R;
+    const bool masked = d.masked(), sharp = d.sharp(), dealloc = d.dealloc();
     scratch.reset();
     const Gates<T> g = parse(d, xi, scratch);
     const T *read_keys = g.read_keys, *write_key = g.write_key, *write_vector = g.write_vector;
@@ -766,8 +801,8 @@ void backward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, 
     T* grad_wr = scratch.copy(grad_wr_out, R * N);
     T *grad_fwd = scratch.take(R * N), *grad_bwd = scratch.take(R * N), *grad_cr = scratch.take(R * N);
     T *grad_beta_r = scratch.take(R), *grad_pi = scratch.take(3 * R), *grad_read_keys = scratch.zeros(R * W);
-    T* grad_mask_r = d.masked() ? scratch.zeros(R * W) : nullptr;
-    T* grad_mask_w = d.masked() ? scratch.zeros(W) : nullptr;
+    T* grad_mask_r = masked ? scratch.zeros(R * W) : nullptr;
+    T* grad_mask_w = masked ? scratch.zeros(W) : nullptr;
 
     // reads[r] = sum_n wr[r,n] M[n]
     for (int64_t r = 0; r < R; ++r) {
@@ -801,7 +836,7 @@ void backward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, 
         grad_pi[3 * r] = sb;
         grad_pi[3 * r + 1] = sf;
         grad_pi[3 * r + 2] = sc;
-        if (d.masked())
+        if (masked)
             grad_beta_r[r] = masked_content_backward(d, M, aux + d.masked_norms() + r * N, read_keys + r * W,
                                                      g.mask_r + r * W, g.beta_r[r], cos_r + r * N, cr + r * N,
                                                      key_norms[r], grad_cr + r * N, grad_M, grad_read_keys + r * W,
@@ -814,7 +849,7 @@ void backward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, 
 
     // Sharpening: grad_fwd and grad_bwd become the gradients of the weightings before it.
     T *grad_s_f = nullptr, *grad_s_b = nullptr;
-    if (d.sharp()) {
+    if (sharp) {
         grad_s_f = scratch.take(R);
         grad_s_b = scratch.take(R);
         for (int64_t r = 0; r < R; ++r) {
@@ -827,31 +862,10 @@ void backward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, 
     T* grad_ww = scratch.copy(grad_ww_out, N);
     T *grad_e = scratch.zeros(W), *grad_v = scratch.zeros(W);
     T* grad_psi_memory = nullptr;
-    if (d.dealloc()) {
-        // With deallocation M_{t-1} psi in place of M_{t-1}: dpsi[n] = sum_w dM'[n,w] M_{t-1}[n,w]
-        // with dM' = dM (1 - ww e^T); psi is recomputed (R N products).
+    if (dealloc) {
         grad_psi_memory = scratch.take(N);
-        for (int64_t n = 0; n < N; ++n) {
-            T keep = 1;
-            for (int64_t r = 0; r < R; ++r) keep *= T(1) - g.f[r] * wr_prev[r * N + n];
-            const T* row_prev = M_prev + n * W;
-            const T* grad_row = grad_M + n * W;
-            T* g_row_prev = g_M_prev + n * W;
-            const T wn = ww[n];
-            T acc = 0, acc_psi = 0;
-#pragma omp simd reduction(+ : acc, acc_psi)
-            for (int64_t w = 0; w < W; ++w) {
-                const T kept = row_prev[w] * keep;
-                const T grad_kept = grad_row[w] * (T(1) - wn * g.e[w]);
-                g_row_prev[w] = grad_kept * keep;
-                acc_psi += grad_kept * row_prev[w];
-                acc += grad_row[w] * (write_vector[w] - kept * g.e[w]);
-                grad_e[w] -= grad_row[w] * kept * wn;
-                grad_v[w] += grad_row[w] * wn;
-            }
-            grad_ww[n] += acc;
-            grad_psi_memory[n] = acc_psi;
-        }
+        deallocated_write_backward(d, g, M_prev, wr_prev, ww, grad_M, g_M_prev, grad_ww, grad_e, grad_v,
+                                   grad_psi_memory);
     } else {
         for (int64_t n = 0; n < N; ++n) {
             const T* row_prev = M_prev + n * W;
@@ -908,7 +922,7 @@ void backward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, 
     // Write content lookup on M_{t-1}.
     T* grad_write_key = scratch.zeros(W);
     const T grad_beta_w =
-        d.masked() ? masked_content_backward(d, M_prev, aux + d.norm_prev(), write_key, g.mask_w, g.beta_w,
+        masked ? masked_content_backward(d, M_prev, aux + d.norm_prev(), write_key, g.mask_w, g.beta_w,
                                              aux + d.cos_w(), cw, key_norms[R], grad_cw, g_M_prev, grad_write_key,
                                              grad_mask_w, scratch)
                    : content_backward(d, M_prev, aux + d.norm_prev(), write_key, g.beta_w, aux + d.cos_w(), cw,
@@ -940,7 +954,8 @@ void backward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, 
         const T grad_written = grad_u[n] * psi;
         g_u_prev[n] = grad_written * (T(1) - ww_prev[n]);
         g_ww_prev[n] = grad_written * (T(1) - u_prev[n]);
-        const T grad_psi = grad_u[n] * written + (grad_psi_memory ? grad_psi_memory[n] : T(0));
+        T grad_psi = grad_u[n] * written;
+        if (dealloc) grad_psi += grad_psi_memory[n];
         for (int64_t r = 0; r < R; ++r) {
             T others = 1;  // prod over the other heads, without dividing by a factor that may be 0
             for (int64_t q = 0; q < R; ++q)
@@ -970,7 +985,7 @@ void backward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, 
     }
     // The variants' fields, in memory.interface_sizes order.
     const T* raw = g.variant_raw;
-    if (d.masked()) {  // m = mask_min + (1 - mask_min) sigma(raw)
+    if (masked) {  // m = mask_min + (1 - mask_min) sigma(raw)
         const T span = T(1) - T(d.mask_min);
         for (int64_t k = 0; k < R * W + W; ++k) {
             const T s = sigmoid(raw[k]);
@@ -978,35 +993,35 @@ void backward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, 
         }
         raw += R * W + W;
     }
-    if (d.sharp()) {
+    if (sharp) {
         for (int64_t r = 0; r < R; ++r) *gx++ = grad_s_f[r] * softplus_slope(raw[r]);
         for (int64_t r = 0; r < R; ++r) *gx++ = grad_s_b[r] * softplus_slope(raw[R + r]);
     }
 }
 
 template <typename T>
-void forward_batch(int64_t B, int64_t N, int64_t W, int64_t R, int variants, double mask_min, int threads, const T* xi, const T* M_prev,
-                   const T* L_prev, const T* p_prev, const T* wr_prev, const T* ww_prev, const T* u_prev,
-                   T* reads, T* M, T* L, T* p, T* wr, T* ww, T* u, T* aux, int32_t* order) {
+void forward_batch(int64_t B, int64_t N, int64_t W, int64_t R, int variants, double mask_min, int threads,
+                   const T* xi, const T* M_prev, const T* L_prev, const T* p_prev, const T* wr_prev,
+                   const T* ww_prev, const T* u_prev, T* reads, T* M, T* L, T* p, T* wr, T* ww, T* u, T* aux,
+                   int32_t* order) {
     const Dims d{N, W, R, variants, mask_min};
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         Scratch<T> scratch(d);
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; ++b) {
-            forward_one(d, xi + b * d.S(), M_prev + b * N * W, L_prev + b * N * N, p_prev + b * N,
-                    wr_prev + b * R * N, ww_prev + b * N, u_prev + b * N, reads + b * R * W, M + b * N * W,
-                    L + b * N * N, p + b * N, wr + b * R * N, ww + b * N, u + b * N, aux + b * d.aux(),
-                        order + b * N, scratch);
+            forward_one(d, xi + b * d.S(), M_prev + b * N * W, L_prev + b * N * N, p_prev + b * N, wr_prev + b * R * N,
+                 ww_prev + b * N, u_prev + b * N, reads + b * R * W, M + b * N * W, L + b * N * N, p + b * N,
+                 wr + b * R * N, ww + b * N, u + b * N, aux + b * d.aux(), order + b * N, scratch);
         }
     }
 }
 
 template <typename T>
 void backward_batch(int64_t B, int64_t N, int64_t W, int64_t R, int variants, double mask_min, int threads,
-                    const T* xi, const T* M_prev,
-                    const T* L_prev, const T* p_prev, const T* wr_prev, const T* ww_prev, const T* u_prev,
-                    const T* M, const T* wr, const T* ww, const T* aux, const int32_t* order,
+                    const T* xi, const T* M_prev, const T* L_prev, const T* p_prev, const T* wr_prev,
+                    const T* ww_prev, const T* u_prev, const T* M, const T* wr, const T* ww, const T* aux,
+                    const int32_t* order,
                     const T* grad_reads, const T* grad_M, const T* grad_L, const T* grad_p, const T* grad_wr,
                     const T* grad_ww, const T* grad_u, T* g_xi, T* g_M_prev, T* g_L_prev, T* g_p_prev,
                     T* g_wr_prev, T* g_ww_prev, T* g_u_prev) {
@@ -1018,11 +1033,11 @@ void backward_batch(int64_t B, int64_t N, int64_t W, int64_t R, int variants, do
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; ++b) {
             backward_one(d, xi + b * S, M_prev + b * N * W, L_prev + b * N * N, p_prev + b * N, wr_prev + b * R * N,
-                     ww_prev + b * N, u_prev + b * N, M + b * N * W, wr + b * R * N, ww + b * N,
-                     aux + b * d.aux(), order + b * N, grad_reads + b * R * W, grad_M + b * N * W,
-                     grad_L + b * N * N, grad_p + b * N, grad_wr + b * R * N, grad_ww + b * N, grad_u + b * N,
-                     g_xi + b * S, g_M_prev + b * N * W, g_L_prev + b * N * N, g_p_prev + b * N,
-                     g_wr_prev + b * R * N, g_ww_prev + b * N, g_u_prev + b * N, scratch);
+                 ww_prev + b * N, u_prev + b * N, M + b * N * W, wr + b * R * N, ww + b * N, aux + b * d.aux(),
+                 order + b * N, grad_reads + b * R * W, grad_M + b * N * W, grad_L + b * N * N, grad_p + b * N,
+                 grad_wr + b * R * N, grad_ww + b * N, grad_u + b * N, g_xi + b * S, g_M_prev + b * N * W,
+                 g_L_prev + b * N * N, g_p_prev + b * N, g_wr_prev + b * R * N, g_ww_prev + b * N,
+                 g_u_prev + b * N, scratch);
         }
     }
 }
