@@ -28,8 +28,13 @@ machines with different CPUs keeps one build per CPU type and never loads anothe
 headers are involved: building takes a few seconds. ``available()`` says whether it can be used,
 and why not; ``DNC(backend="auto")`` then takes the reference path, saying why once.
 
-Limits: CPU tensors, float32 or float64, one write head (``num_writes=1``, the paper's DNC), none
-of the ICLR 2019 variants.
+Csordás & Schmidhuber's variants (ICLR 2019: ``masked_lookup`` with ``mask_min``, ``deallocation``,
+``link_sharpness``) are computed when the ``variants`` argument (a ``backends.Variants``) asks for
+them: the kernels receive them as a bit set (``variant_bits``) and ``mask_min``, the raw interface
+then carries the variants' fields after the paper's, and the saved buffer grows by what their
+backward needs (``aux_size``). The plain DNC's step is unchanged by them.
+
+Limits: CPU tensors, float32 or float64, one write head (``num_writes=1``, the paper's DNC).
 """
 
 from __future__ import annotations
