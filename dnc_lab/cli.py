@@ -28,7 +28,7 @@ import yaml
 from dnc_lab import runs, training  # training.train: the name `train` is the click command below
 from dnc_lab.config import ConfigError, config_from_dict, load_config, parse_override, save_config
 from dnc_lab.tasks import make_task
-from dnc_lab.training import TrainingError, build_model, evaluate, parse_lengths, pick_device
+from dnc_lab.training import TrainingError, answer_read_modes, build_model, evaluate, parse_lengths, pick_device
 from dnc_lab.viz.commands import server, viz
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
@@ -213,9 +213,12 @@ def runs_command(sweep: Optional[str]) -> None:
                    "<first run>/generalisation-<A>+<B>.png]")
 @click.option("--visdom/--no-visdom", default=None,
               help="Also draw the plot in the first run's Visdom env  [default: if its viz.enabled]")
+@click.option("--modes", "mode_sequences", type=click.IntRange(min=0), default=0, metavar="N",
+              help="Also give the read heads' mean backward / forward / content mode weight over the answer "
+                   "steps of N sequences per length (forward ≈ 1: answers read along the temporal links)")
 def eval_command(run_ids: tuple[str, ...], lengths: Optional[str], batch_size: int, seed: int,
                  checkpoint: Optional[str], cuda: int, split: str, plot_path: Optional[Path],
-                 visdom: Optional[bool]) -> None:
+                 visdom: Optional[bool], mode_sequences: int) -> None:
     """Error per sequence length (how runs generalise beyond their training lengths), with a plot;
     for bAbI, the per-task error on the test set."""
     if checkpoint is not None and len(run_ids) > 1:
@@ -238,7 +241,8 @@ def eval_command(run_ids: tuple[str, ...], lengths: Optional[str], batch_size: i
                                          f"its sequences have their own lengths", param_hint="--lengths")
             _eval_on_split(run_dir, task, checkpoint, device, split, batch_size)
             continue
-        curves.append(_eval_lengths(run_dir, cfg, task, lengths, checkpoint, device, batch_size, seed))
+        curves.append(_eval_lengths(run_dir, cfg, task, lengths, checkpoint, device, batch_size, seed,
+                                    mode_sequences))
         meanings.add(getattr(task, "length_meaning", None))
         length_runs.append(run_dir)
     if curves:
@@ -259,8 +263,10 @@ def _append_eval(run_dir: Path, record: dict) -> None:
         f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), **record}) + "\n")
 
 
-def _eval_lengths(run_dir: Path, cfg, task, lengths: Optional[str], checkpoint, device, batch_size: int, seed: int):
-    """Print and record the BER per length of one run; its curve for the plot."""
+def _eval_lengths(run_dir: Path, cfg, task, lengths: Optional[str], checkpoint, device, batch_size: int, seed: int,
+                  mode_sequences: int = 0):
+    """Print and record the BER per length of one run (and its answer-phase read modes from
+    ``mode_sequences`` sequences per length, if > 0); its curve for the plot."""
     from dnc_lab.viz.generalisation import Curve
 
     if lengths is None:
@@ -271,15 +277,22 @@ def _eval_lengths(run_dir: Path, cfg, task, lengths: Optional[str], checkpoint, 
         rows = evaluate(model, task, wanted, batch_size, seed, device)
     except ValueError as e:  # a length the task cannot make (e.g. more key-value pairs than keys)
         raise click.BadParameter(f"run {run_dir.name}: {e}", param_hint="--lengths") from None
+    for r in rows if mode_sequences else ():
+        r["read_modes"] = answer_read_modes(model, task, r["length"], mode_sequences, seed, device)
     trained = range(cfg.task.min_length, cfg.task.max_length + 1)
     click.echo(f"{runs.run_id(run_dir)} at step {step}: {batch_size} sequences per length, seed {seed}; "
-               f"length = {task.length_meaning}")
-    click.echo(f"{'LENGTH':>6}  {'BER':>8}  {'LOSS':>8}")
+               f"length = {task.length_meaning}"
+               + (f"; read modes over the answer steps of {mode_sequences} sequences" if mode_sequences else ""))
+    modes_header = f"  {'BACKWARD':>8}  {'FORWARD':>8}  {'CONTENT':>8}" if mode_sequences else ""
+    click.echo(f"{'LENGTH':>6}  {'BER':>8}  {'LOSS':>8}{modes_header}")
     for r in rows:
         note = "" if r["length"] in trained else "  (longer than trained)" if r["length"] > cfg.task.max_length \
             else "  (shorter than trained)"
-        click.echo(f"{r['length']:>6}  {r['ber']:>8.4f}  {r['loss']:>8.4f}{note}")
-    _append_eval(run_dir, {"step": step, "seed": seed, "batch_size": batch_size, "rows": rows})
+        modes = "".join(f"  {r['read_modes'][k]:>8.3f}" for k in ("backward", "forward", "content")) \
+            if mode_sequences else ""
+        click.echo(f"{r['length']:>6}  {r['ber']:>8.4f}  {r['loss']:>8.4f}{modes}{note}")
+    _append_eval(run_dir, {"step": step, "seed": seed, "batch_size": batch_size, "rows": rows,
+                           **({"mode_sequences": mode_sequences} if mode_sequences else {})})
     return Curve(run_dir.name, step, [r["length"] for r in rows], [r["ber"] for r in rows],
                  (cfg.task.min_length, cfg.task.max_length))
 

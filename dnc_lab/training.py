@@ -149,6 +149,35 @@ def evaluate(model: nn.Module, task, lengths: Sequence[int], batch_size: int, se
     return rows
 
 
+@torch.no_grad()
+def answer_read_modes(model: nn.Module, task, length: int, sequences: int, seed: int,
+                      device: torch.device) -> dict[str, float]:
+    """How the read heads address memory while the model answers: the mean weight of the backward,
+    forward and content read modes (π^i_t, summed over write heads, averaged over read heads) over
+    the answer steps (mask = 1) of ``sequences`` fresh sequences of ``length``.
+
+    Forward near 1 means the answers are read by following the temporal links in write order (a
+    copy that does so is not tied to the lengths it was trained on); content near 1, by lookup.
+    Each sequence is traced on its own (``model.trace`` shows batch element 0), on the reference step.
+    """
+    h = (model.dnc if isinstance(model, Embedded) else model).num_writes
+    generator = torch.Generator(device=device).manual_seed(seed * 100_003 + length)
+    sums, steps = np.zeros(3), 0
+    was_training = model.training
+    model.eval()
+    for _ in range(sequences):
+        batch = task.sample(1, generator, length=length)
+        _, _, views = model.trace(batch.inputs)
+        modes = views["read_modes"].reshape(len(views["read_modes"]), -1, 2 * h + 1)  # [T, R, 2H+1]
+        answer = batch.mask[0].cpu().numpy() > 0
+        picked = modes[answer]  # [answer steps, R, 2H+1]
+        sums += np.stack([picked[..., :h].sum(-1), picked[..., h:2 * h].sum(-1), picked[..., 2 * h]], -1).mean(1).sum(0)
+        steps += int(answer.sum())
+    model.train(was_training)
+    backward, forward, content = sums / max(steps, 1)
+    return {"backward": float(backward), "forward": float(forward), "content": float(content)}
+
+
 def final_evaluation(model: nn.Module, task, cfg: Config, device: torch.device) -> tuple[list, float, dict]:
     """(rows, mean error, {length or task number: error}) at the end of a run: the error per
     trained length on fresh sequences, or for a task with its own held-out data (bAbI, which has

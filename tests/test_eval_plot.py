@@ -96,6 +96,36 @@ def test_visdom_unavailable_is_one_line(two_runs, dead_port):
     assert "Visdom: no server answers" in result.output and "dnclab viz --run A" in result.output
 
 
+def test_eval_reports_the_answer_phase_read_modes(two_runs):
+    result = cli("eval", "--run", "A", "--lengths", "2,6", "--batch-size", "8", "--modes", "3", "--no-visdom")
+    assert result.exit_code == 0, result.output
+    assert "read modes over the answer steps of 3 sequences" in result.output
+    assert "BACKWARD   FORWARD   CONTENT" in result.output
+    record = json.loads((two_runs / "A" / "eval.jsonl").read_text().splitlines()[-1])
+    assert record["mode_sequences"] == 3 and [r["length"] for r in record["rows"]] == [2, 6]
+    for row in record["rows"]:
+        modes = row["read_modes"]
+        assert sum(modes.values()) == pytest.approx(1.0, abs=1e-5)  # a softmax over the modes, at every step
+        assert all(0.0 <= v <= 1.0 for v in modes.values())
+
+
+def test_answer_read_modes_average_only_the_answer_steps(monkeypatch):
+    """Two read heads, one write head; copy of length 2: T = 5, answers at steps 3 and 4."""
+    import numpy as np
+
+    from dnc_lab import DNC
+    from dnc_lab.tasks.copy import CopyConfig, CopyTask
+    from dnc_lab.training import answer_read_modes
+
+    model = DNC(4, 8, nr_cells=4, cell_size=3, read_heads=2)
+    per_step = [[1, 0, 0, 1, 0, 0]] * 3 + [[0, 1, 0, 0, 0, 1], [0, 0.5, 0.5, 0, 1, 0]]  # [T, R*(2H+1)]
+    monkeypatch.setattr(model, "trace", lambda x: (None, None, {"read_modes": np.array(per_step)}))
+    modes = answer_read_modes(model, CopyTask(CopyConfig(bits=4)), 2, sequences=2, seed=0,
+                              device=torch.device("cpu"))
+    # head 0: forward 1, then forward 0.5 + content 0.5; head 1: content 1, then forward 1.
+    assert modes == pytest.approx({"backward": 0.0, "forward": 0.625, "content": 0.375})
+
+
 @pytest.mark.parametrize("task, lengths, meaning", [
     ({"name": "associative_recall", "bits": 3, "item_length": 2, "min_length": 2, "max_length": 3}, "2-4",
      "items in the list"),

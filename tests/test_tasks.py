@@ -46,6 +46,58 @@ def test_copy_padding_in_a_mixed_batch():
         assert b.targets[i, :, 3].sum() == 0
 
 
+def test_copy_series_hand_example():
+    # bits=3, two problems (min=max=2 sequences), both of length 2: [1,0],[1,1] then [0,1],[0,0].
+    task = CopyTask(CopyConfig(bits=3, min_length=2, max_length=2, min_sequences=2, max_sequences=2))
+    b = _fixed(task, torch.tensor([[1, 0], [1, 1], [0, 1], [0, 0]]))
+    data = [[1, 0], [1, 1], [0, 1], [0, 0]]
+    expected_inputs = [data[0] + [0], data[1] + [0], [0, 0, 1], [0, 0, 0], [0, 0, 0],
+                       data[2] + [0], data[3] + [0], [0, 0, 1], [0, 0, 0], [0, 0, 0]]
+    expected_targets = [[0, 0, 0]] * 3 + [data[0] + [0], data[1] + [0]] + [[0, 0, 0]] * 3 + [data[2] + [0], data[3] + [0]]
+    assert b.inputs[0].tolist() == expected_inputs
+    assert b.targets[0].tolist() == expected_targets
+    assert b.mask[0].tolist() == [0, 0, 0, 1, 1, 0, 0, 0, 1, 1]
+    assert b.lengths.tolist() == [2]
+
+
+def test_copy_series_in_a_mixed_batch():
+    """Every series: its problems one after another, each answered before the next, padding at the end."""
+    task = CopyTask(CopyConfig(bits=4, min_length=1, max_length=4, min_sequences=1, max_sequences=3))
+    b = task.sample(64, torch.Generator().manual_seed(5))
+    counts, totals = [], []
+    for i in range(64):
+        markers = b.inputs[i, :, 3].nonzero().flatten().tolist()
+        counts.append(len(markers))
+        start, longest = 0, 0
+        for marker in markers:  # problem: vectors start..marker-1, marker, then as many answer steps
+            L = marker - start
+            assert L >= 1
+            longest = max(longest, L)
+            assert b.mask[i, start:marker + 1].sum() == 0 and b.mask[i, marker + 1:marker + 1 + L].sum() == L
+            assert torch.equal(b.targets[i, marker + 1:marker + 1 + L, :3], b.inputs[i, start:marker, :3])
+            assert b.inputs[i, marker + 1:marker + 1 + L].abs().sum() == 0  # blank while answering
+            start = marker + 1 + L
+        totals.append(start)
+        assert b.lengths[i] == longest
+        assert b.mask[i, start:].sum() == 0 and b.inputs[i, start:].abs().sum() == 0  # padding
+    assert set(counts) == {1, 2, 3} and b.inputs.shape[1] == max(totals)
+    # A fixed length fixes every problem's length, not their number.
+    fixed = task.sample(16, torch.Generator().manual_seed(6), length=5)
+    assert (fixed.mask.sum(1) % 5 == 0).all() and fixed.lengths.tolist() == [5] * 16
+
+
+def test_copy_with_one_sequence_draws_as_before():
+    """max_sequences = 1 is the plain copy task, batch for batch (runs measured before the option stay valid)."""
+    plain = CopyTask(CopyConfig(bits=5, max_length=6)).sample(8, torch.Generator().manual_seed(2))
+    series = CopyTask(CopyConfig(bits=5, max_length=6, min_sequences=1, max_sequences=1)).sample(
+        8, torch.Generator().manual_seed(2))
+    assert all(torch.equal(x, y) for x, y in zip(plain, series))
+    import pytest
+
+    with pytest.raises(ValueError, match="min_sequences = 3 is larger than max_sequences = 2"):
+        CopyConfig(min_sequences=3, max_sequences=2).check()
+
+
 def test_repeat_copy_hand_example():
     # num_bits=2, L=2 pattern [1,1], [0,1], R=2 repeats (min=max=2), norm_max=10.
     task = RepeatCopyTask(RepeatCopyConfig(num_bits=2, min_length=1, max_length=2, min_repeats=2, max_repeats=2))
