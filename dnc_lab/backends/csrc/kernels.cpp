@@ -22,14 +22,16 @@
 // what backward needs that is not an input or output.
 //
 // Csordas & Schmidhuber's variants (ICLR 2019; addressing.py has the equations), each switched on
-// by a bit of `variants` (native.py passes them; the plain DNC is 0 and computes what it always did):
-//   link_sharpness  forward/backward weightings sharpened per read head, S(d, s) = d^s / sum d^s with
-//                   s = oneplus(raw): 2R raw fields s^f [R], s^b [R] at the end of xi;
-//   deallocation    M_{t-1} scaled row by row by the retention vector psi before erase and write
-//                   (addressing.deallocate): no fields, psi is the usage's;
+// by a bit of `variants` (native.variant_bits; the plain DNC is 0 and computes what it always did).
+// Their raw fields follow pi in this order, each only when its variant is on:
 //   masked_lookup   every content lookup compares k o m with M[n] o m, m = mask_min + (1 - mask_min)
-//                   sigma(raw) (addressing.masked_content_weighting): R*W + W raw fields m^r [R, W],
-//                   m^w [W] after pi (before the sharpness fields).
+//                   sigma(raw) (addressing.masked_content_weighting): R*W + W raw fields m^r [R, W], m^w [W];
+//   link_sharpness  forward/backward weightings sharpened per read head, S(d, s) = d^s / sum d^s with
+//                   s = oneplus(raw) (addressing.sharpen): 2R raw fields s^f [R], s^b [R];
+//   deallocation    M_{t-1} scaled row by row by the retention vector psi before erase and write
+//                   (addressing.deallocate): no fields, psi is the usage's.
+// The variants' helpers are functions of their own (noinline): inside forward_one/backward_one
+// they made the compiler inline less of the plain step, which measurably slowed it.
 
 #include <algorithm>
 #include <cmath>
@@ -44,7 +46,7 @@ namespace {
 
 constexpr double EPSILON = 1e-6;  // addressing.EPSILON
 
-// The bits of the `variants` argument (native.VARIANT_BITS).
+// The bits of the `variants` argument (native.variant_bits).
 constexpr int LINK_SHARPNESS = 1;
 constexpr int DEALLOCATION = 2;
 constexpr int MASKED_LOOKUP = 4;
