@@ -20,7 +20,7 @@ import torch
 
 from dnc_lab import DNC, backends
 from dnc_lab import memory as M
-from dnc_lab.backends import native
+from dnc_lab.backends import Variants, native
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and os.environ.get("CI") != "true",
                                 reason="no C++ compiler (g++) to build the native step")
@@ -345,3 +345,176 @@ def test_double_backward_is_refused():
     (grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="lstm_dnc_sequence_backward.*no autograd formula"):
         grad.sum().backward()
+
+
+# ---- Csordás & Schmidhuber's variants (ICLR 2019) ---------------------------------------------------
+# The reference is memory.memory_step of memory.parse_interface with the variants' fields, as
+# MemoryAccess runs it; the native step gets the same raw interface and backends.Variants.
+
+VARIANTS = {
+    "link_sharpness": backends.Variants(link_sharpness=True),
+    "deallocation": backends.Variants(deallocation=True),
+    "masked_lookup": backends.Variants(masked_lookup=True, mask_min=0.1),
+    "all": backends.Variants(masked_lookup=True, mask_min=0.25, deallocation=True, link_sharpness=True),
+}
+
+
+def variant_steps(variants, batch, cells, width, heads, steps, empty=False, seed=0):
+    """``steps`` chained steps from one state, on both paths: (outputs, gradients) of each, the outputs
+    being every step's reads and the final state, the gradients those of every step's raw interface
+    and of the initial state (for one random upstream gradient)."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = M.interface_sizes(width, heads, 1, variants.masked_lookup, variants.link_sharpness)
+    assert native.interface_size(cells, width, heads, variants) == sum(sizes.values())
+    start = M.initial_state(batch, cells, width, heads, 1, dtype=torch.float64) if empty else \
+        random_state(batch, cells, width, heads, generator=g)
+    leaves = [start[key].clone().requires_grad_() for key in M.STATE_KEYS]
+    raws = [(2 * torch.randn(batch, sum(sizes.values()), generator=g, dtype=torch.float64)).requires_grad_()
+            for _ in range(steps)]
+
+    def reference():
+        state, reads = dict(zip(M.STATE_KEYS, leaves)), []
+        for raw in raws:
+            fields = dict(zip(sizes, torch.split(raw, list(sizes.values()), dim=-1)))
+            interface = M.parse_interface(fields, width, heads, 1, variants.mask_min)
+            r, state = M.memory_step(state, interface, deallocation=variants.deallocation)
+            reads.append(r)
+        return reads + [state[key] for key in M.STATE_KEYS]
+
+    def fast():
+        state, reads = leaves, []
+        for raw in raws:
+            r, state = native.memory_step(raw, state, variants)
+            reads.append(r)
+        return reads + list(state)
+
+    results = []
+    for path in (reference, fast):
+        outputs = path()
+        upstream = [torch.randn(o.shape, generator=torch.Generator().manual_seed(seed + i), dtype=torch.float64)
+                    for i, o in enumerate(outputs)]
+        results.append((outputs, torch.autograd.grad(outputs, raws + leaves, upstream)))
+    return results
+
+
+def assert_variant_steps_match(variants, *args, **kwargs):
+    (expected, grads_expected), (got, grads_got) = variant_steps(variants, *args, **kwargs)
+    steps = len(expected) - len(M.STATE_KEYS)
+    names = [f"reads of step {t}" for t in range(steps)] + list(M.STATE_KEYS)
+    for name, e, o in zip(names, expected, got):
+        torch.testing.assert_close(o, e, **TOL, msg=name)
+    names = [f"raw interface of step {t}" for t in range(steps)] + [f"initial {key}" for key in M.STATE_KEYS]
+    for name, e, o in zip(names, grads_expected, grads_got):
+        torch.testing.assert_close(o, e, **TOL, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("cells, heads, batch", [(n, r, b) for n in (1, 5, 16) for r in (1, 3) for b in (1, 3)])
+def test_variant_steps_match_reference(name, cells, heads, batch):
+    assert_variant_steps_match(VARIANTS[name], batch, cells, 4, heads, steps=3, seed=cells * 10 + heads)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("cells", [1, 5, 16])
+def test_variant_steps_from_an_empty_memory_match_reference(name, cells):
+    """Zero links and read weights: the sharpened weightings are uniform at the first step, not zero.
+    Two steps: from the third on, cells still exactly tied in usage are sorted by rounding noise."""
+    assert_variant_steps_match(VARIANTS[name], 3, cells, 3, 2, steps=2, empty=True, seed=cells)
+
+
+def test_sharpened_weightings_of_an_empty_memory_are_uniform():
+    """The one place link_sharpness changes a value qualitatively: the forward weighting of an empty
+    link matrix is 0, its sharpened version 1/N per cell (what the read mode mixes in)."""
+    cells, width, heads = 6, 3, 1
+    variants = backends.Variants(link_sharpness=True)
+    raw = torch.zeros(2, native.interface_size(cells, width, heads, variants), dtype=torch.float64)
+    raw[:, -2 * heads - 3 * heads:-2 * heads] = torch.tensor([-30.0, 30.0, -30.0], dtype=torch.float64)  # forward mode
+    raw[:, -3 * heads - 2 * heads - 2] = -30.0  # write gate closed: the memory stays empty
+    state = M.initial_state(2, cells, width, heads, 1, dtype=torch.float64)
+    _, plain = native.memory_step(raw[:, :-2 * heads], [state[key] for key in M.STATE_KEYS])
+    _, sharp = native.memory_step(raw, [state[key] for key in M.STATE_KEYS], variants)
+    torch.testing.assert_close(plain[3], torch.zeros(2, heads, cells, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(sharp[3], torch.full((2, heads, cells), 1 / cells, dtype=torch.float64),
+                               atol=1e-12, rtol=0)
+
+
+def test_variant_interface_width_is_checked():
+    variants = backends.Variants(link_sharpness=True)
+    raw, state = torch.randn(2, native.interface_size(5, 3, 2), dtype=torch.float64), \
+        list(M.initial_state(2, 5, 3, 2, 1, dtype=torch.float64).values())
+    with pytest.raises(ValueError, match=r"shape \(2, 28\), expected \[2, 32\] .*the variants link_sharpness"):
+        native.memory_forward(raw, state, variants=variants)
+    lib = native.load()
+    for v in VARIANTS.values():
+        bits = native.variant_bits(v)
+        assert lib.dnc_interface_size(5, 3, 2, bits) == native.interface_size(5, 3, 2, v)
+        assert lib.dnc_aux_size(5, 3, 2, bits) == native.aux_size(5, 3, 2, v)
+
+
+@pytest.mark.parametrize("name, kwargs", [(name, dict(num_hidden_layers=2, checkpoint_steps=2)) for name in VARIANTS]
+                         + [("all", dict(rnn_type="gru"))],
+                         ids=[f"lstm-{name}" for name in VARIANTS] + ["gru-all"])
+def test_dnc_with_variants_native_matches_reference(name, kwargs):
+    """The whole sequence (dnc_lab.sequence, hand-written BPTT; links recomputed in segments of 2) and
+    the per-step path (GRU), variants on: output, final state and every gradient."""
+    variants = VARIANTS[name]
+    flags = dict(masked_lookup=variants.masked_lookup, deallocation=variants.deallocation,
+                 link_sharpness=variants.link_sharpness, **(dict(mask_min=variants.mask_min) if variants.masked_lookup
+                                                            else {}))
+    reference, fast = _pair(input_size=5, hidden_size=12, nr_cells=7, cell_size=4, read_heads=2, **kwargs, **flags)
+    assert Variants.of(fast.core_config) == variants
+    x_ref = torch.randn(3, 6, 5, dtype=torch.float64, requires_grad=True)
+    x_fast = x_ref.detach().clone().requires_grad_()
+    out_ref, hx_ref = reference(x_ref)
+    out_fast, hx_fast = fast(x_fast)
+    torch.testing.assert_close(out_fast, out_ref, **TOL)
+    loss = _loss if kwargs.get("rnn_type", "lstm") == "lstm" else lambda out, hx: out.pow(2).sum()
+    loss(out_ref, hx_ref).backward()
+    loss(out_fast, hx_fast).backward()
+    torch.testing.assert_close(x_fast.grad, x_ref.grad, **TOL)
+    for (param, p_ref), p_fast in zip(reference.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(p_fast.grad, p_ref.grad, **TOL, msg=param)
+
+
+def test_the_step_passes_opcheck_with_variants():
+    """The operator's fake implementation (extra_shapes, the interface width) and autograd
+    registration with every variant on."""
+    from torch.library import opcheck
+
+    variants = VARIANTS["all"]
+    g = torch.Generator().manual_seed(4)
+    raw = torch.randn(2, native.interface_size(5, 3, 2, variants), generator=g, dtype=torch.float64,
+                      requires_grad=True)
+    state = [t.requires_grad_() for t in random_state(2, 5, 3, 2, generator=g).values()]
+    assert set(opcheck(native._step_op, (raw, *state, *variants)).values()) == {"SUCCESS"}
+
+
+@pytest.mark.slow
+def test_the_sequence_passes_opcheck_with_variants():
+    from torch.library import opcheck
+
+    from dnc_lab import sequence
+    from dnc_lab.controller import rnn_weights
+
+    variants = VARIANTS["all"]
+    torch.manual_seed(0)
+    model = DNC(4, 8, nr_cells=5, cell_size=3, read_heads=2, backend="native", masked_lookup=True, mask_min=0.25,
+                deallocation=True, link_sharpness=True).double()
+    core, steps, batch = model.cores[0], 3, 2
+    access = core.memories[0]
+    layers = rnn_weights(core.controllers[0])
+    lstm = [t for layer in layers for t in layer]
+    memory = list(access.initial_state(batch, torch.float64, torch.device("cpu")).values())
+    x = torch.randn(steps, batch, 4, dtype=torch.float64, requires_grad=True)
+    h0 = torch.zeros(len(layers), batch, 8, dtype=torch.float64)
+    args = ("native", x, h0, h0.clone(), torch.zeros(batch, 6, dtype=torch.float64), memory, lstm,
+            access.interface.weight, access.interface.bias, 20.0, 2, *variants)
+    assert set(opcheck(sequence._sequence_op, args).values()) == {"SUCCESS"}
+
+
+def test_auto_takes_native_for_the_variants_it_implements():
+    for name in native.SUPPORTED_VARIANTS:
+        flags = dict(mask_min=0.1) if name == "masked_lookup" else {}
+        choice = DNC(input_size=3, hidden_size=8, nr_cells=6, cell_size=4, read_heads=2, **{name: True},
+                     **flags).backend_choice()
+        assert choice == ("native", ""), (name, choice)

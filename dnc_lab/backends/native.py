@@ -28,8 +28,13 @@ machines with different CPUs keeps one build per CPU type and never loads anothe
 headers are involved: building takes a few seconds. ``available()`` says whether it can be used,
 and why not; ``DNC(backend="auto")`` then takes the reference path, saying why once.
 
-Limits: CPU tensors, float32 or float64, one write head (``num_writes=1``, the paper's DNC), none
-of the ICLR 2019 variants.
+Csordás & Schmidhuber's variants (ICLR 2019: ``masked_lookup`` with ``mask_min``, ``deallocation``,
+``link_sharpness``) are computed when the ``variants`` argument (a ``backends.Variants``) asks for
+them: the kernels receive them as a bit set (``variant_bits``) and ``mask_min``, the raw interface
+then carries the variants' fields after the paper's, and the saved buffer grows by what their
+backward needs (``aux_size``). The plain DNC's step is unchanged by them.
+
+Limits: CPU tensors, float32 or float64, one write head (``num_writes=1``, the paper's DNC).
 """
 
 from __future__ import annotations
@@ -114,14 +119,14 @@ def _build() -> ctypes.CDLL:
     i64, c_int, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     for name in ("dnc_interface_size", "dnc_aux_size"):
         getattr(library, name).restype = i64
-        getattr(library, name).argtypes = [i64, i64, i64]
+        getattr(library, name).argtypes = [i64, i64, i64, c_int]
     for suffix in ("f32", "f64"):
         forward = getattr(library, f"dnc_forward_{suffix}")
         forward.restype = None
-        forward.argtypes = [i64, i64, i64, i64, c_int] + [ptr] * 16
+        forward.argtypes = [i64, i64, i64, i64, c_int, ctypes.c_double, c_int] + [ptr] * 16
         backward = getattr(library, f"dnc_backward_{suffix}")
         backward.restype = None
-        backward.argtypes = [i64, i64, i64, i64, c_int] + [ptr] * 26
+        backward.argtypes = [i64, i64, i64, i64, c_int, ctypes.c_double, c_int] + [ptr] * 26
         link = getattr(library, f"dnc_link_{suffix}")
         link.restype = None
         link.argtypes = [i64, i64, c_int] + [ptr] * 4
@@ -162,7 +167,13 @@ def available() -> tuple[bool, str]:
 
 
 NAME = "native"
-SUPPORTED_VARIANTS: tuple = ()  # none of dnc_lab.backends.VARIANTS
+SUPPORTED_VARIANTS: tuple = ("masked_lookup", "deallocation", "link_sharpness")  # all of backends.VARIANTS  # of dnc_lab.backends.VARIANTS
+
+
+
+def variant_bits(variants: Variants) -> int:
+    """The bit set the kernels receive for ``variants`` (csrc's LINK_SHARPNESS, ...); 0 for the plain DNC."""
+    return variants.link_sharpness | variants.deallocation << 1 | variants.masked_lookup << 2
 
 
 def unsupported(config, device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -182,14 +193,17 @@ DTYPES = (torch.float32, torch.float64)
 STATE_NAMES = ("memory", "link_matrix", "precedence", "read_weights", "write_weights", "usage_vector")
 
 
-def interface_size(cells: int, width: int, reads: int) -> int:
-    """S, the raw interface width for one write head (csrc's Dims::S, memory.interface_sizes)."""
-    return reads * width + reads + 3 * width + 1 + reads + 2 + 3 * reads
+def interface_size(cells: int, width: int, reads: int, variants: Variants = PLAIN) -> int:
+    """S, the raw interface width for one write head and ``variants`` (csrc's Dims::S, memory.interface_sizes)."""
+    plain = reads * width + reads + 3 * width + 1 + reads + 2 + 3 * reads
+    return plain + (reads * width + width if variants.masked_lookup else 0) + (2 * reads if variants.link_sharpness else 0)
 
 
-def aux_size(cells: int, width: int, reads: int) -> int:
+def aux_size(cells: int, width: int, reads: int, variants: Variants = PLAIN) -> int:
     """Per batch element, the floats forward keeps for backward (csrc's Dims::aux)."""
-    return (7 + 4 * reads) * cells + reads + 1
+    plain = (7 + 4 * reads) * cells + reads + 1
+    return (plain + (2 * reads * cells if variants.link_sharpness else 0)  # the weightings before sharpening
+            + (reads * cells if variants.masked_lookup else 0))  # each read head's row norms
 
 
 def state_shapes(batch: int, cells: int, width: int, reads: int) -> list[tuple[int, ...]]:
@@ -198,10 +212,11 @@ def state_shapes(batch: int, cells: int, width: int, reads: int) -> list[tuple[i
     return [(b, n, w), (b, 1, n, n), (b, 1, n), (b, r, n), (b, 1, n), (b, n)]
 
 
-def check_step(raw: torch.Tensor, state: list[torch.Tensor], device_type: str = "cpu") -> tuple[int, int, int, int]:
+def check_step(raw: torch.Tensor, state: list[torch.Tensor], device_type: str = "cpu", variants: Variants = PLAIN
+               ) -> tuple[int, int, int, int]:
     """Raise ValueError unless raw [B, S] and the six state tensors are one device's (the CPU's),
     of one dtype (float32 or float64), and of consistent shapes with S the interface width of one
-    write head. Returns (B, N, W, R)."""
+    write head and ``variants``. Returns (B, N, W, R)."""
     if len(state) != 6:
         raise ValueError(f"native memory step: expected the six state tensors {list(STATE_NAMES)}, got {len(state)}")
     named = [("raw interface", raw), *zip(STATE_NAMES, state)]
@@ -226,17 +241,19 @@ def check_step(raw: torch.Tensor, state: list[torch.Tensor], device_type: str = 
         if tuple(tensor.shape) != shape:
             raise ValueError(f"native memory step: {name} has shape {tuple(tensor.shape)}, expected {list(shape)} "
                              f"(B={b}, N={n}, W={w}, R={r}, one write head)")
-    s = interface_size(n, w, r)
+    s = interface_size(n, w, r, variants)
     if tuple(raw.shape) != (b, s):
+        on = variants.names()
         raise ValueError(f"native memory step: the raw interface has shape {tuple(raw.shape)}, expected [{b}, {s}] "
-                         f"(the interface width for N={n}, W={w}, R={r} and one write head)")
+                         f"(the interface width for N={n}, W={w}, R={r}, one write head and "
+                         f"{'the variants ' + ', '.join(on) if on else 'no variants'})")
     return b, n, w, r
 
 
 def extra_shapes(batch: int, cells: int, width: int, reads: int, dtype: torch.dtype, variants: Variants = PLAIN
                  ) -> list[tuple[tuple, torch.dtype]]:
     """Shapes and dtypes of ``Saved.extra`` for one step: the aux floats and the allocation's sort order."""
-    return [((batch, aux_size(cells, width, reads)), dtype), ((batch, cells), torch.int32)]
+    return [((batch, aux_size(cells, width, reads, variants)), dtype), ((batch, cells), torch.int32)]
 
 
 def _dims(state: list[torch.Tensor]) -> tuple[int, int, int, int]:
@@ -285,10 +302,10 @@ def memory_forward(raw: torch.Tensor, state: list[torch.Tensor], out: Optional[l
     """
     if not trusted:
         check_variants(NAME, SUPPORTED_VARIANTS, variants)
-    b, n, w, r = _dims(state) if trusted else check_step(raw, state)
+    b, n, w, r = _dims(state) if trusted else check_step(raw, state, variants=variants)
     inputs = [t.contiguous() for t in (raw, *state)]
     shapes = [((b, r, w), raw.dtype), *((shape, raw.dtype) for shape in state_shapes(b, n, w, r)),
-              *extra_shapes(b, n, w, r, raw.dtype)]
+              *extra_shapes(b, n, w, r, raw.dtype, variants)]
     given = list(out or []) + [None] * (len(shapes) - len(out or []))
     names = ("reads", *STATE_NAMES, "aux", "order")
     results = [torch.empty(shape, dtype=dtype) if t is None else
@@ -296,7 +313,7 @@ def memory_forward(raw: torch.Tensor, state: list[torch.Tensor], out: Optional[l
                for t, (shape, dtype), name in zip(given, shapes, names)]
     outputs, (aux, order) = results[:7], results[7:]
     _kernel("forward", raw.dtype)(
-        b, n, w, r, _threads(b, n, w, r), *map(_pointer, inputs), *map(_pointer, outputs), _pointer(aux), _pointer(order)
+        b, n, w, r, variant_bits(variants), variants.mask_min, _threads(b, n, w, r), *map(_pointer, inputs), *map(_pointer, outputs), _pointer(aux), _pointer(order)
     )
     return outputs, Saved(*inputs, outputs[1], outputs[4], outputs[5], (aux, order))
 
@@ -315,7 +332,7 @@ def memory_backward(saved: Saved, grads: list[torch.Tensor], results: Optional[l
         b, n, w, r = _dims(inputs[1:])
     else:
         check_variants(NAME, SUPPORTED_VARIANTS, variants)
-        b, n, w, r = check_step(inputs[0], inputs[1:])
+        b, n, w, r = check_step(inputs[0], inputs[1:], variants=variants)
         grads = _checked_grads(grads, inputs[1].dtype, [(b, r, w), *state_shapes(b, n, w, r)])
         if results is not None:
             results = [_check_out(f"result {i}", t, tuple(x.shape), x) for i, (t, x) in enumerate(zip(results, inputs))]
@@ -324,7 +341,7 @@ def memory_backward(saved: Saved, grads: list[torch.Tensor], results: Optional[l
     aux, order = saved.extra
     kept = [*inputs, saved.new_memory, saved.new_read_weights, saved.new_write_weights, aux, order]
     _kernel("backward", inputs[1].dtype)(
-        b, n, w, r, _threads(b, n, w, r), *map(_pointer, kept), *map(_pointer, grads), *map(_pointer, results)
+        b, n, w, r, variant_bits(variants), variants.mask_min, _threads(b, n, w, r), *map(_pointer, kept), *map(_pointer, grads), *map(_pointer, results)
     )
     return results
 
@@ -429,8 +446,8 @@ def _step_op(raw: torch.Tensor, memory: torch.Tensor, link: torch.Tensor, preced
 def _step_fake(raw, memory, link, precedence, read_weights, write_weights, usage, masked_lookup, mask_min,
                deallocation, link_sharpness):
     state = [memory, link, precedence, read_weights, write_weights, usage]
-    b, n, w, r = check_step(raw, state, device_type=raw.device.type)
     variants = Variants(masked_lookup, mask_min, deallocation, link_sharpness)
+    b, n, w, r = check_step(raw, state, device_type=raw.device.type, variants=variants)
     new = memory.new_empty
     return [new(b, r, w), *(new(shape) for shape in state_shapes(b, n, w, r)),
             *(new(shape, dtype=dtype) for shape, dtype in extra_shapes(b, n, w, r, raw.dtype, variants))]

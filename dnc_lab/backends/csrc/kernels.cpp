@@ -13,12 +13,25 @@
 // Shapes, per batch element (B of them, contiguous, batch-major), symbols as in the paper:
 //   xi   [S]      the raw interface vector, fields in memory.interface_sizes order:
 //                 k^r [R*W], beta^r [R], k^w [W], beta^w [1], e [W], v [W], f [R], g^a [1],
-//                 g^w [1], pi [R*3] (backward, forward, content per read head)
+//                 g^w [1], pi [R*3] (backward, forward, content per read head), then the fields of
+//                 the variants switched on (below)
 //   M    [N, W]   memory          L  [N, N]  link matrix      p  [N]  precedence
 //   wr   [R, N]   read weights    ww [N]     write weights    u  [N]  usage
 //   reads [R, W]
-// The saved buffer ("aux", AUX_SIZE floats per element, plus N ints for the sort order) holds
+// The saved buffer ("aux", Dims::aux() floats per element, plus N ints for the sort order) holds
 // what backward needs that is not an input or output.
+//
+// Csordas & Schmidhuber's variants (ICLR 2019; addressing.py has the equations), each switched on
+// by a bit of `variants` (native.variant_bits; the plain DNC is 0 and computes what it always did).
+// Their raw fields follow pi in this order, each only when its variant is on:
+//   masked_lookup   every content lookup compares k o m with M[n] o m, m = mask_min + (1 - mask_min)
+//                   sigma(raw) (addressing.masked_content_weighting): R*W + W raw fields m^r [R, W], m^w [W];
+//   link_sharpness  forward/backward weightings sharpened per read head, S(d, s) = d^s / sum d^s with
+//                   s = oneplus(raw) (addressing.sharpen): 2R raw fields s^f [R], s^b [R];
+//   deallocation    M_{t-1} scaled row by row by the retention vector psi before erase and write
+//                   (addressing.deallocate): no fields, psi is the usage's.
+// The variants' helpers are functions of their own (noinline): inside forward_one/backward_one
+// they made the compiler inline less of the plain step, which measurably slowed it.
 
 #include <algorithm>
 #include <cmath>
@@ -33,23 +46,39 @@ namespace {
 
 constexpr double EPSILON = 1e-6;  // addressing.EPSILON
 
+// The bits of the `variants` argument (native.variant_bits).
+constexpr int LINK_SHARPNESS = 1;
+constexpr int DEALLOCATION = 2;
+constexpr int MASKED_LOOKUP = 4;
+
 struct Dims {
     int64_t N, W, R;
-    int64_t S() const { return R * W + R + W + 1 + W + W + R + 1 + 1 + 3 * R; }
+    int variants = 0;      // the bits above
+    double mask_min = 0;  // the masks' floor (masked_lookup)
+    bool sharp() const { return variants & LINK_SHARPNESS; }
+    bool dealloc() const { return variants & DEALLOCATION; }
+    bool masked() const { return variants & MASKED_LOOKUP; }
+    int64_t plain_S() const { return R * W + R + W + 1 + W + W + R + 1 + 1 + 3 * R; }
+    int64_t S() const { return plain_S() + (masked() ? R * W + W : 0) + (sharp() ? 2 * R : 0); }
     // aux layout (offsets in elements)
     int64_t cw() const { return 0; }               // [N] write content weights c^w
     int64_t cos_w() const { return N; }            // [N] cosine(k^w, M_{t-1}[n])
-    int64_t norm_prev() const { return 2 * N; }    // [N] |M_{t-1}[n]|
+    int64_t norm_prev() const { return 2 * N; }    // [N] |M_{t-1}[n]| (masked_lookup: |M_{t-1}[n] o m^w|)
     int64_t alloc() const { return 3 * N; }        // [N] allocation weights a
     int64_t sorted() const { return 4 * N; }       // [N] usage in ascending order
     int64_t before() const { return 5 * N; }       // [N] exclusive cumulative product of sorted usage
-    int64_t norm_new() const { return 6 * N; }     // [N] |M_t[n]|
+    int64_t norm_new() const { return 6 * N; }     // [N] |M_t[n]| (masked_lookup: 0, see masked_norms)
     int64_t fwd() const { return 7 * N; }          // [R, N] forward weightings f = L w^r_{t-1}
     int64_t bwd() const { return (7 + R) * N; }    // [R, N] backward weightings b = L^T w^r_{t-1}
     int64_t cr() const { return (7 + 2 * R) * N; } // [R, N] read content weights c^r
     int64_t cos_r() const { return (7 + 3 * R) * N; }  // [R, N]
     int64_t key_norms() const { return (7 + 4 * R) * N; }  // [R + 1] |k^r_i|, then |k^w|
-    int64_t aux() const { return (7 + 4 * R) * N + R + 1; }
+    int64_t plain_aux() const { return (7 + 4 * R) * N + R + 1; }
+    // The variants' part, after the plain DNC's (fwd() and bwd() then hold the sharpened weightings).
+    int64_t fwd_raw() const { return plain_aux(); }         // [R, N] f before sharpening (link_sharpness)
+    int64_t bwd_raw() const { return plain_aux() + R * N; } // [R, N] b before sharpening
+    int64_t masked_norms() const { return plain_aux() + (sharp() ? 2 * R * N : 0); }  // [R, N] |M_t[n] o m^r_i|
+    int64_t aux() const { return masked_norms() + (masked() ? R * N : 0); }
 };
 
 // Per-thread working memory, reused for every batch element: no allocation inside the loop.
@@ -58,7 +87,9 @@ struct Scratch {
     std::vector<T> buffer;
     size_t used = 0;
     explicit Scratch(const Dims& d)
-        : buffer(static_cast<size_t>(2 * d.N * d.W + 8 * d.R * d.N + 16 * d.N + 8 * d.W + d.R * d.W + 16 * d.R + 64)) {}
+        : buffer(static_cast<size_t>(2 * d.N * d.W + 8 * d.R * d.N + 16 * d.N + 8 * d.W + d.R * d.W + 16 * d.R + 64 +
+                                     (d.sharp() ? 4 * d.R : 0) + (d.dealloc() ? 2 * d.N : 0) +
+                                     (d.masked() ? 6 * (d.R + 1) * d.W : 0))) {}
     void reset() { used = 0; }
     T* take(int64_t n) {
         T* out = buffer.data() + used;
@@ -84,6 +115,10 @@ struct Gates {
     T *beta_r, *e, *f, *pi;  // [R], [W], [R], [3R]
     T beta_w, ga, gw;
     const T *read_keys, *write_key, *write_vector;  // [R, W], [W], [W]
+    // The variants' fields (null when off).
+    const T* variant_raw = nullptr;  // where they start in xi
+    T *s_f = nullptr, *s_b = nullptr;  // [R], [R] sharpness exponents oneplus(.) (link_sharpness)
+    T *mask_r = nullptr, *mask_w = nullptr;  // [R, W], [W] lookup masks (masked_lookup)
 };
 
 // ---- Vectors ------------------------------------------------------------------------------------
@@ -214,7 +249,59 @@ Gates<T> parse(const Dims& d, const T* xi, Scratch<T>& scratch) {
     g.beta_w = T(1) + softplus(beta_w[0]);
     g.ga = sigmoid(free[R]);
     g.gw = sigmoid(free[R + 1]);
+    g.variant_raw = modes + 3 * R;  // their order: memory.interface_sizes
+    const T* raw = g.variant_raw;
+    if (d.masked()) {
+        const T floor = T(d.mask_min), span = T(1) - T(d.mask_min);
+        g.mask_r = scratch.take(R * W);
+        g.mask_w = scratch.take(W);
+        for (int64_t k = 0; k < R * W; ++k) g.mask_r[k] = floor + span * sigmoid(raw[k]);
+        for (int64_t w = 0; w < W; ++w) g.mask_w[w] = floor + span * sigmoid(raw[R * W + w]);
+        raw += R * W + W;
+    }
+    if (d.sharp()) {
+        g.s_f = scratch.take(R);
+        g.s_b = scratch.take(R);
+        for (int64_t r = 0; r < R; ++r) {
+            g.s_f[r] = T(1) + softplus(raw[r]);
+            g.s_b[r] = T(1) + softplus(raw[R + r]);
+        }
+    }
     return g;
+}
+
+// Link-distribution sharpening (addressing.sharpen) of one weighting d [N] with exponent s:
+// out = x^s / sum x^s with x = (d + eps) / max(d + eps). A weighting of zeros becomes uniform.
+template <typename T>
+__attribute__((noinline)) void sharpen(int64_t N, const T* d, T s, T* out) {
+    T top = -INFINITY;
+    for (int64_t n = 0; n < N; ++n) top = std::max(top, d[n] + T(EPSILON));
+    T sum = 0;
+    for (int64_t n = 0; n < N; ++n) {
+        out[n] = std::pow((d[n] + T(EPSILON)) / top, s);
+        sum += out[n];
+    }
+    for (int64_t n = 0; n < N; ++n) out[n] /= sum;
+}
+
+// Backward of `sharpen`: S = softmax(s log x), so with z = s log x, dz = S (grad - sum grad S),
+// d/ds = sum dz log x and d/dd = s dz / x (the max is detached and cancels). grad [N] holds
+// dLoss/dS and is overwritten with dLoss/dd; returns dLoss/ds.
+template <typename T>
+__attribute__((noinline)) T sharpen_backward(int64_t N, const T* d, T s, const T* sharpened, T* grad) {
+    T top = -INFINITY, dot = 0;
+    for (int64_t n = 0; n < N; ++n) {
+        top = std::max(top, d[n] + T(EPSILON));
+        dot += grad[n] * sharpened[n];
+    }
+    T grad_s = 0;
+    for (int64_t n = 0; n < N; ++n) {
+        const T x = d[n] + T(EPSILON);
+        const T grad_z = sharpened[n] * (grad[n] - dot);
+        grad_s += grad_z * std::log(x / top);
+        grad[n] = s * grad_z / x;
+    }
+    return grad_s;
 }
 
 // Content weighting c = softmax(beta * cos(k, M[n])) over cells; also keeps the cosines and the
@@ -270,6 +357,81 @@ T content_backward(const Dims& d, const T* M, const T* row_norms, const T* key, 
     }
     const T c = grad_cos_dot_cos / (key_norm * key_norm);
     for (int64_t w = 0; w < W; ++w) grad_key[w] -= c * key[w];
+    return grad_beta;
+}
+
+// Masked content weighting (addressing.masked_content_weighting): c = softmax(beta * cos(k o m, M[n] o m)),
+// with (k o m).(M[n] o m) = sum_w k_w m_w^2 M[n,w]. Keeps the cosines, the key norm |k o m| and the
+// row norms |M[n] o m| [N] (one per head: they depend on its mask).
+template <typename T>
+__attribute__((noinline)) void masked_content(const Dims& d, const T* M, const T* key, const T* mask, T beta, T* cos, T* weights,
+                    T* key_norm, T* row_norms, Scratch<T>& scratch) {
+    const int64_t N = d.N, W = d.W;
+    T *mask_sq = scratch.take(W), *masked_key = scratch.take(W);  // m^2, k m^2
+    T kk = 0;
+    for (int64_t w = 0; w < W; ++w) {
+        mask_sq[w] = mask[w] * mask[w];
+        masked_key[w] = key[w] * mask_sq[w];
+        const T km = key[w] * mask[w];
+        kk += km * km;
+    }
+    const T nk = std::sqrt(kk + T(EPSILON));
+    *key_norm = nk;
+    T top = -INFINITY;
+    for (int64_t n = 0; n < N; ++n) {
+        const T* row = M + n * W;
+        T dot = 0, sq = 0;
+#pragma omp simd reduction(+ : dot, sq)
+        for (int64_t w = 0; w < W; ++w) {
+            dot += row[w] * masked_key[w];
+            sq += row[w] * row[w] * mask_sq[w];
+        }
+        row_norms[n] = std::sqrt(sq + T(EPSILON));
+        cos[n] = dot / (nk * row_norms[n]);
+        top = std::max(top, beta * cos[n]);
+    }
+    for (int64_t n = 0; n < N; ++n) weights[n] = beta * cos[n] - top;
+    exp_in_place(weights, N);
+    T sum = 0;
+    for (int64_t n = 0; n < N; ++n) sum += weights[n];
+    for (int64_t n = 0; n < N; ++n) weights[n] /= sum;
+}
+
+// Backward of `masked_content`: adds to grad_M [N, W], grad_key [W] and grad_mask [W], returns d/d beta.
+// With g_n = dLoss/dcos_n, a_n = g_n / (|k o m| |M[n] o m|), b_n = g_n cos_n / |M[n] o m|^2 and
+// c = sum_n g_n cos_n / |k o m|^2:  dM[n,w] = m_w^2 (a_n k_w - b_n M[n,w]),  dk_w = m_w^2 (A_w - c k_w),
+// dm_w = m_w (2 k_w A_w - c k_w^2 - B_w), where A_w = sum_n a_n M[n,w] and B_w = sum_n b_n M[n,w]^2.
+template <typename T>
+__attribute__((noinline)) T masked_content_backward(const Dims& d, const T* M, const T* row_norms, const T* key, const T* mask, T beta,
+                          const T* cos, const T* weights, T key_norm, const T* grad_weights, T* grad_M,
+                          T* grad_key, T* grad_mask, Scratch<T>& scratch) {
+    const int64_t N = d.N, W = d.W;
+    T *mask_sq = scratch.take(W), *A = scratch.zeros(W), *B = scratch.zeros(W);
+    for (int64_t w = 0; w < W; ++w) mask_sq[w] = mask[w] * mask[w];
+    T dot = 0;
+    for (int64_t n = 0; n < N; ++n) dot += grad_weights[n] * weights[n];
+    T grad_beta = 0, grad_cos_dot_cos = 0;
+    for (int64_t n = 0; n < N; ++n) {
+        const T grad_z = weights[n] * (grad_weights[n] - dot);  // softmax backward
+        grad_beta += grad_z * cos[n];
+        const T grad_cos = beta * grad_z;
+        grad_cos_dot_cos += grad_cos * cos[n];
+        const T* row = M + n * W;
+        T* grad_row = grad_M + n * W;
+        const T a = grad_cos / (key_norm * row_norms[n]);
+        const T b = grad_cos * cos[n] / (row_norms[n] * row_norms[n]);
+#pragma omp simd
+        for (int64_t w = 0; w < W; ++w) {
+            A[w] += a * row[w];
+            B[w] += b * row[w] * row[w];
+            grad_row[w] += mask_sq[w] * (a * key[w] - b * row[w]);
+        }
+    }
+    const T c = grad_cos_dot_cos / (key_norm * key_norm);
+    for (int64_t w = 0; w < W; ++w) {
+        grad_key[w] += mask_sq[w] * (A[w] - c * key[w]);
+        grad_mask[w] += mask[w] * (T(2) * key[w] * A[w] - c * key[w] * key[w] - B[w]);
+    }
     return grad_beta;
 }
 
@@ -457,27 +619,68 @@ void link_backward(const Dims& d, const T* L_prev, const T* p_prev, const T* ww,
 #undef DNC_LINK_BACKWARD
 }
 
+// Backward of erase and write with deallocation, M = (M_{t-1} psi) (1 - ww e^T) + ww v^T: as the
+// plain DNC's (in backward_one) with M_{t-1} psi for M_{t-1}, plus dpsi[n] = sum_w dM'[n,w] M_{t-1}[n,w]
+// with dM' = dM (1 - ww e^T). psi = prod_r (1 - f_r wr_{t-1}[r]) is recomputed (R N products).
+// A function of its own: in backward_one it made the plain step slower (the compiler inlined less).
+template <typename T>
+__attribute__((noinline)) void deallocated_write_backward(const Dims& d, const Gates<T>& g, const T* M_prev,
+                                                          const T* wr_prev, const T* ww, const T* grad_M,
+                                                          T* g_M_prev, T* grad_ww, T* grad_e, T* grad_v,
+                                                          T* grad_psi) {
+    const int64_t N = d.N, W = d.W, R = d.R;
+    for (int64_t n = 0; n < N; ++n) {
+        T keep = 1;
+        for (int64_t r = 0; r < R; ++r) keep *= T(1) - g.f[r] * wr_prev[r * N + n];
+        const T* row_prev = M_prev + n * W;
+        const T* grad_row = grad_M + n * W;
+        T* g_row_prev = g_M_prev + n * W;
+        const T wn = ww[n];
+        T acc = 0, acc_psi = 0;
+#pragma omp simd reduction(+ : acc, acc_psi)
+        for (int64_t w = 0; w < W; ++w) {
+            const T kept = row_prev[w] * keep;
+            const T grad_kept = grad_row[w] * (T(1) - wn * g.e[w]);
+            g_row_prev[w] = grad_kept * keep;
+            acc_psi += grad_kept * row_prev[w];
+            acc += grad_row[w] * (g.write_vector[w] - kept * g.e[w]);
+            grad_e[w] -= grad_row[w] * kept * wn;
+            grad_v[w] += grad_row[w] * wn;
+        }
+        grad_ww[n] += acc;
+        grad_psi[n] = acc_psi;
+    }
+}
+
 template <typename T>
 void forward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, const T* p_prev,
                  const T* wr_prev, const T* ww_prev, const T* u_prev, T* reads, T* M, T* L, T* p, T* wr,
                  T* ww, T* u, T* aux, int32_t* order, Scratch<T>& scratch) {
     const int64_t N = d.N, W = d.W, R = d.R;
+    const bool masked = d.masked(), sharp = d.sharp(), dealloc = d.dealloc();
     scratch.reset();
     const Gates<T> g = parse(d, xi, scratch);
     const T *read_keys = g.read_keys, *write_key = g.write_key, *write_vector = g.write_vector;
 
-    // Usage: u = (u_{t-1} + ww_{t-1} - u_{t-1} ww_{t-1}) * prod_r (1 - f_r wr_{t-1}[r]).
+    // Usage: u = (u_{t-1} + ww_{t-1} - u_{t-1} ww_{t-1}) * psi, psi = prod_r (1 - f_r wr_{t-1}[r]).
+    T* psi = dealloc ? scratch.take(N) : nullptr;  // kept for deallocation
     for (int64_t n = 0; n < N; ++n) {
         T retention = 1;
         for (int64_t r = 0; r < R; ++r) retention *= T(1) - g.f[r] * wr_prev[r * N + n];
         u[n] = (u_prev[n] + ww_prev[n] - u_prev[n] * ww_prev[n]) * retention;
+        if (dealloc) psi[n] = retention;
     }
 
     // Write content lookup on the previous memory.
     T* norm_prev = aux + d.norm_prev();
-    row_norms(d, M_prev, norm_prev);
     T* cw = aux + d.cw();
-    content(d, M_prev, norm_prev, write_key, g.beta_w, aux + d.cos_w(), cw, aux + d.key_norms() + R);
+    if (masked) {
+        masked_content(d, M_prev, write_key, g.mask_w, g.beta_w, aux + d.cos_w(), cw, aux + d.key_norms() + R,
+                       norm_prev, scratch);
+    } else {
+        row_norms(d, M_prev, norm_prev);
+        content(d, M_prev, norm_prev, write_key, g.beta_w, aux + d.cos_w(), cw, aux + d.key_norms() + R);
+    }
 
     // Allocation: cells by ascending usage, ties by index (addressing uses a stable sort).
     std::iota(order, order + N, 0);
@@ -512,8 +715,15 @@ void forward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, c
         const T* row_prev = M_prev + n * W;
         T* row = M + n * W;
         const T wn = ww[n];
+        if (dealloc) {  // M_{t-1} psi erased and written
+            const T keep = psi[n];
 #pragma omp simd
-        for (int64_t w = 0; w < W; ++w) row[w] = row_prev[w] * (T(1) - wn * g.e[w]) + wn * write_vector[w];
+            for (int64_t w = 0; w < W; ++w)
+                row[w] = (row_prev[w] * keep) * (T(1) - wn * g.e[w]) + wn * write_vector[w];
+        } else {
+#pragma omp simd
+            for (int64_t w = 0; w < W; ++w) row[w] = row_prev[w] * (T(1) - wn * g.e[w]) + wn * write_vector[w];
+        }
     }
 
     // Link matrix, and the directional weightings from it, one row of L at a time:
@@ -521,19 +731,34 @@ void forward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, c
     // f_r[i] = sum_j L[i,j] wr_{t-1}[r,j];  b_r[j] = sum_i L[i,j] wr_{t-1}[r,i].
     T* fwd = aux + d.fwd();
     T* bwd = aux + d.bwd();
-    std::fill(bwd, bwd + R * N, T(0));
-    link_forward(d, L_prev, p_prev, ww, wr_prev, L, fwd, bwd);
+    if (sharp) {  // the weightings go to fwd_raw/bwd_raw, their sharpened versions to fwd/bwd
+        T *fwd_raw = aux + d.fwd_raw(), *bwd_raw = aux + d.bwd_raw();
+        link_forward(d, L_prev, p_prev, ww, wr_prev, L, fwd_raw, bwd_raw);
+        for (int64_t r = 0; r < R; ++r) {
+            sharpen(N, fwd_raw + r * N, g.s_f[r], fwd + r * N);
+            sharpen(N, bwd_raw + r * N, g.s_b[r], bwd + r * N);
+        }
+    } else {
+        link_forward(d, L_prev, p_prev, ww, wr_prev, L, fwd, bwd);
+    }
 
     for (int64_t n = 0; n < N; ++n) p[n] = (T(1) - total_write) * p_prev[n] + ww[n];
 
     // Read heads: content lookups on the new memory, mixed with the directional weightings.
     T* norm_new = aux + d.norm_new();
-    row_norms(d, M, norm_new);
+    if (masked)
+        std::fill(norm_new, norm_new + N, T(0));  // unused: each head has its own norms
+    else
+        row_norms(d, M, norm_new);
     T* cr = aux + d.cr();
     T* cos_r = aux + d.cos_r();
     for (int64_t r = 0; r < R; ++r) {
-        content(d, M, norm_new, read_keys + r * W, g.beta_r[r], cos_r + r * N, cr + r * N,
-                aux + d.key_norms() + r);
+        if (masked)
+            masked_content(d, M, read_keys + r * W, g.mask_r + r * W, g.beta_r[r], cos_r + r * N, cr + r * N,
+                           aux + d.key_norms() + r, aux + d.masked_norms() + r * N, scratch);
+        else
+            content(d, M, norm_new, read_keys + r * W, g.beta_r[r], cos_r + r * N, cr + r * N,
+                    aux + d.key_norms() + r);
         const T pb = g.pi[3 * r], pf = g.pi[3 * r + 1], pc = g.pi[3 * r + 2];
         T* w_r = wr + r * N;
         for (int64_t n = 0; n < N; ++n) w_r[n] = pb * bwd[r * N + n] + pf * fwd[r * N + n] + pc * cr[r * N + n];
@@ -563,6 +788,7 @@ void backward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, 
                   const T* grad_u_out, T* g_xi, T* g_M_prev, T* g_L_prev, T* g_p_prev, T* g_wr_prev,
                   T* g_ww_prev, T* g_u_prev, Scratch<T>& scratch) {
     const int64_t N = d.N, W = d.W, R = d.R;
+    const bool masked = d.masked(), sharp = d.sharp(), dealloc = d.dealloc();
     scratch.reset();
     const Gates<T> g = parse(d, xi, scratch);
     const T *read_keys = g.read_keys, *write_key = g.write_key, *write_vector = g.write_vector;
@@ -577,6 +803,8 @@ void backward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, 
     T* grad_wr = scratch.copy(grad_wr_out, R * N);
     T *grad_fwd = scratch.take(R * N), *grad_bwd = scratch.take(R * N), *grad_cr = scratch.take(R * N);
     T *grad_beta_r = scratch.take(R), *grad_pi = scratch.take(3 * R), *grad_read_keys = scratch.zeros(R * W);
+    T* grad_mask_r = masked ? scratch.zeros(R * W) : nullptr;
+    T* grad_mask_w = masked ? scratch.zeros(W) : nullptr;
 
     // reads[r] = sum_n wr[r,n] M[n]
     for (int64_t r = 0; r < R; ++r) {
@@ -610,28 +838,52 @@ void backward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, 
         grad_pi[3 * r] = sb;
         grad_pi[3 * r + 1] = sf;
         grad_pi[3 * r + 2] = sc;
-        grad_beta_r[r] = content_backward(d, M, norm_new, read_keys + r * W, g.beta_r[r], cos_r + r * N,
-                                          cr + r * N, key_norms[r], grad_cr + r * N, grad_M,
-                                          grad_read_keys + r * W);
+        if (masked)
+            grad_beta_r[r] = masked_content_backward(d, M, aux + d.masked_norms() + r * N, read_keys + r * W,
+                                                     g.mask_r + r * W, g.beta_r[r], cos_r + r * N, cr + r * N,
+                                                     key_norms[r], grad_cr + r * N, grad_M, grad_read_keys + r * W,
+                                                     grad_mask_r + r * W, scratch);
+        else
+            grad_beta_r[r] = content_backward(d, M, norm_new, read_keys + r * W, g.beta_r[r], cos_r + r * N,
+                                              cr + r * N, key_norms[r], grad_cr + r * N, grad_M,
+                                              grad_read_keys + r * W);
+    }
+
+    // Sharpening: grad_fwd and grad_bwd become the gradients of the weightings before it.
+    T *grad_s_f = nullptr, *grad_s_b = nullptr;
+    if (sharp) {
+        grad_s_f = scratch.take(R);
+        grad_s_b = scratch.take(R);
+        for (int64_t r = 0; r < R; ++r) {
+            grad_s_f[r] = sharpen_backward(N, aux + d.fwd_raw() + r * N, g.s_f[r], fwd + r * N, grad_fwd + r * N);
+            grad_s_b[r] = sharpen_backward(N, aux + d.bwd_raw() + r * N, g.s_b[r], bwd + r * N, grad_bwd + r * N);
+        }
     }
 
     // M = M_{t-1} (1 - ww e^T) + ww v^T
     T* grad_ww = scratch.copy(grad_ww_out, N);
     T *grad_e = scratch.zeros(W), *grad_v = scratch.zeros(W);
-    for (int64_t n = 0; n < N; ++n) {
-        const T* row_prev = M_prev + n * W;
-        const T* grad_row = grad_M + n * W;
-        T* g_row_prev = g_M_prev + n * W;
-        const T wn = ww[n];
-        T acc = 0;
+    T* grad_psi_memory = nullptr;
+    if (dealloc) {
+        grad_psi_memory = scratch.take(N);
+        deallocated_write_backward(d, g, M_prev, wr_prev, ww, grad_M, g_M_prev, grad_ww, grad_e, grad_v,
+                                   grad_psi_memory);
+    } else {
+        for (int64_t n = 0; n < N; ++n) {
+            const T* row_prev = M_prev + n * W;
+            const T* grad_row = grad_M + n * W;
+            T* g_row_prev = g_M_prev + n * W;
+            const T wn = ww[n];
+            T acc = 0;
 #pragma omp simd reduction(+ : acc)
-        for (int64_t w = 0; w < W; ++w) {
-            g_row_prev[w] = grad_row[w] * (T(1) - wn * g.e[w]);
-            acc += grad_row[w] * (write_vector[w] - row_prev[w] * g.e[w]);
-            grad_e[w] -= grad_row[w] * row_prev[w] * wn;
-            grad_v[w] += grad_row[w] * wn;
+            for (int64_t w = 0; w < W; ++w) {
+                g_row_prev[w] = grad_row[w] * (T(1) - wn * g.e[w]);
+                acc += grad_row[w] * (write_vector[w] - row_prev[w] * g.e[w]);
+                grad_e[w] -= grad_row[w] * row_prev[w] * wn;
+                grad_v[w] += grad_row[w] * wn;
+            }
+            grad_ww[n] += acc;
         }
-        grad_ww[n] += acc;
     }
 
     // p = (1 - sum(ww)) p_{t-1} + ww
@@ -672,8 +924,11 @@ void backward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, 
     // Write content lookup on M_{t-1}.
     T* grad_write_key = scratch.zeros(W);
     const T grad_beta_w =
-        content_backward(d, M_prev, aux + d.norm_prev(), write_key, g.beta_w, aux + d.cos_w(), cw, key_norms[R],
-                         grad_cw, g_M_prev, grad_write_key);
+        masked ? masked_content_backward(d, M_prev, aux + d.norm_prev(), write_key, g.mask_w, g.beta_w,
+                                             aux + d.cos_w(), cw, key_norms[R], grad_cw, g_M_prev, grad_write_key,
+                                             grad_mask_w, scratch)
+                   : content_backward(d, M_prev, aux + d.norm_prev(), write_key, g.beta_w, aux + d.cos_w(), cw,
+                                      key_norms[R], grad_cw, g_M_prev, grad_write_key);
 
     // Allocation a[order[j]] = (1 - s_j) P_j with s the sorted usage and P_j = prod_{i<j} s_i.
     // ds_j = P_j (Q_j - ga_j), Q_j = sum_{k>j} ga_k (1 - s_k) prod_{j<i<k} s_i, by the recurrence
@@ -688,7 +943,7 @@ void backward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, 
         later = ga_j * (T(1) - sorted[j]) + sorted[j] * later;
     }
 
-    // Usage u = (u' + ww' - u' ww') psi, psi = prod_r (1 - f_r wr'[r]).
+    // Usage u = (u' + ww' - u' ww') psi, psi = prod_r (1 - f_r wr'[r]) (also in the memory with deallocation).
     T* grad_f = scratch.zeros(R);
     T* factors = scratch.take(R);
     for (int64_t n = 0; n < N; ++n) {
@@ -701,7 +956,8 @@ void backward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, 
         const T grad_written = grad_u[n] * psi;
         g_u_prev[n] = grad_written * (T(1) - ww_prev[n]);
         g_ww_prev[n] = grad_written * (T(1) - u_prev[n]);
-        const T grad_psi = grad_u[n] * written;
+        T grad_psi = grad_u[n] * written;
+        if (dealloc) grad_psi += grad_psi_memory[n];
         for (int64_t r = 0; r < R; ++r) {
             T others = 1;  // prod over the other heads, without dividing by a factor that may be 0
             for (int64_t q = 0; q < R; ++q)
@@ -729,34 +985,49 @@ void backward_one(const Dims& d, const T* xi, const T* M_prev, const T* L_prev, 
         const T dot = gp[0] * pi[0] + gp[1] * pi[1] + gp[2] * pi[2];
         for (int k = 0; k < 3; ++k) *gx++ = pi[k] * (gp[k] - dot);
     }
+    // The variants' fields, in memory.interface_sizes order.
+    const T* raw = g.variant_raw;
+    if (masked) {  // m = mask_min + (1 - mask_min) sigma(raw)
+        const T span = T(1) - T(d.mask_min);
+        for (int64_t k = 0; k < R * W + W; ++k) {
+            const T s = sigmoid(raw[k]);
+            *gx++ = (k < R * W ? grad_mask_r[k] : grad_mask_w[k - R * W]) * span * s * (T(1) - s);
+        }
+        raw += R * W + W;
+    }
+    if (sharp) {
+        for (int64_t r = 0; r < R; ++r) *gx++ = grad_s_f[r] * softplus_slope(raw[r]);
+        for (int64_t r = 0; r < R; ++r) *gx++ = grad_s_b[r] * softplus_slope(raw[R + r]);
+    }
 }
 
 template <typename T>
-void forward_batch(int64_t B, int64_t N, int64_t W, int64_t R, int threads, const T* xi, const T* M_prev,
-                   const T* L_prev, const T* p_prev, const T* wr_prev, const T* ww_prev, const T* u_prev,
-                   T* reads, T* M, T* L, T* p, T* wr, T* ww, T* u, T* aux, int32_t* order) {
-    const Dims d{N, W, R};
+void forward_batch(int64_t B, int64_t N, int64_t W, int64_t R, int variants, double mask_min, int threads,
+                   const T* xi, const T* M_prev, const T* L_prev, const T* p_prev, const T* wr_prev,
+                   const T* ww_prev, const T* u_prev, T* reads, T* M, T* L, T* p, T* wr, T* ww, T* u, T* aux,
+                   int32_t* order) {
+    const Dims d{N, W, R, variants, mask_min};
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         Scratch<T> scratch(d);
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; ++b) {
-            forward_one(d, xi + b * d.S(), M_prev + b * N * W, L_prev + b * N * N, p_prev + b * N,
-                    wr_prev + b * R * N, ww_prev + b * N, u_prev + b * N, reads + b * R * W, M + b * N * W,
-                    L + b * N * N, p + b * N, wr + b * R * N, ww + b * N, u + b * N, aux + b * d.aux(),
-                        order + b * N, scratch);
+            forward_one(d, xi + b * d.S(), M_prev + b * N * W, L_prev + b * N * N, p_prev + b * N, wr_prev + b * R * N,
+                 ww_prev + b * N, u_prev + b * N, reads + b * R * W, M + b * N * W, L + b * N * N, p + b * N,
+                 wr + b * R * N, ww + b * N, u + b * N, aux + b * d.aux(), order + b * N, scratch);
         }
     }
 }
 
 template <typename T>
-void backward_batch(int64_t B, int64_t N, int64_t W, int64_t R, int threads, const T* xi, const T* M_prev,
-                    const T* L_prev, const T* p_prev, const T* wr_prev, const T* ww_prev, const T* u_prev,
-                    const T* M, const T* wr, const T* ww, const T* aux, const int32_t* order,
+void backward_batch(int64_t B, int64_t N, int64_t W, int64_t R, int variants, double mask_min, int threads,
+                    const T* xi, const T* M_prev, const T* L_prev, const T* p_prev, const T* wr_prev,
+                    const T* ww_prev, const T* u_prev, const T* M, const T* wr, const T* ww, const T* aux,
+                    const int32_t* order,
                     const T* grad_reads, const T* grad_M, const T* grad_L, const T* grad_p, const T* grad_wr,
                     const T* grad_ww, const T* grad_u, T* g_xi, T* g_M_prev, T* g_L_prev, T* g_p_prev,
                     T* g_wr_prev, T* g_ww_prev, T* g_u_prev) {
-    const Dims d{N, W, R};
+    const Dims d{N, W, R, variants, mask_min};
     const int64_t S = d.S();
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
@@ -764,11 +1035,11 @@ void backward_batch(int64_t B, int64_t N, int64_t W, int64_t R, int threads, con
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; ++b) {
             backward_one(d, xi + b * S, M_prev + b * N * W, L_prev + b * N * N, p_prev + b * N, wr_prev + b * R * N,
-                     ww_prev + b * N, u_prev + b * N, M + b * N * W, wr + b * R * N, ww + b * N,
-                     aux + b * d.aux(), order + b * N, grad_reads + b * R * W, grad_M + b * N * W,
-                     grad_L + b * N * N, grad_p + b * N, grad_wr + b * R * N, grad_ww + b * N, grad_u + b * N,
-                     g_xi + b * S, g_M_prev + b * N * W, g_L_prev + b * N * N, g_p_prev + b * N,
-                     g_wr_prev + b * R * N, g_ww_prev + b * N, g_u_prev + b * N, scratch);
+                 ww_prev + b * N, u_prev + b * N, M + b * N * W, wr + b * R * N, ww + b * N, aux + b * d.aux(),
+                 order + b * N, grad_reads + b * R * W, grad_M + b * N * W, grad_L + b * N * N, grad_p + b * N,
+                 grad_wr + b * R * N, grad_ww + b * N, grad_u + b * N, g_xi + b * S, g_M_prev + b * N * W,
+                 g_L_prev + b * N * N, g_p_prev + b * N, g_wr_prev + b * R * N, g_ww_prev + b * N,
+                 g_u_prev + b * N, scratch);
         }
     }
 }
@@ -829,25 +1100,29 @@ void lstm_backward(int64_t B, int64_t H, const T* act, const T* c_prev, const T*
 
 extern "C" {
 
-int64_t dnc_interface_size(int64_t N, int64_t W, int64_t R) { return Dims{N, W, R}.S(); }
-int64_t dnc_aux_size(int64_t N, int64_t W, int64_t R) { return Dims{N, W, R}.aux(); }
+int64_t dnc_interface_size(int64_t N, int64_t W, int64_t R, int variants) { return Dims{N, W, R, variants}.S(); }
+int64_t dnc_aux_size(int64_t N, int64_t W, int64_t R, int variants) { return Dims{N, W, R, variants}.aux(); }
 
 #define DNC_DEFINE(SUFFIX, T)                                                                              \
-    void dnc_forward_##SUFFIX(int64_t B, int64_t N, int64_t W, int64_t R, int threads, const T* xi,         \
+    void dnc_forward_##SUFFIX(int64_t B, int64_t N, int64_t W, int64_t R, int variants, double mask_min,    \
+                              int threads,                                                                   \
+                              const T* xi,                                                                   \
                               const T* M_prev, const T* L_prev, const T* p_prev, const T* wr_prev,           \
                               const T* ww_prev, const T* u_prev, T* reads, T* M, T* L, T* p, T* wr, T* ww,   \
                               T* u, T* aux, int32_t* order) {                                                \
-        forward_batch<T>(B, N, W, R, threads, xi, M_prev, L_prev, p_prev, wr_prev, ww_prev, u_prev, reads,   \
+        forward_batch<T>(B, N, W, R, variants, mask_min, threads, xi, M_prev, L_prev, p_prev, wr_prev, ww_prev, u_prev, reads,   \
                          M, L, p, wr, ww, u, aux, order);                                                    \
     }                                                                                                        \
-    void dnc_backward_##SUFFIX(int64_t B, int64_t N, int64_t W, int64_t R, int threads, const T* xi,        \
+    void dnc_backward_##SUFFIX(int64_t B, int64_t N, int64_t W, int64_t R, int variants, double mask_min,   \
+                               int threads,                                                                  \
+                               const T* xi,                                                                  \
                                const T* M_prev, const T* L_prev, const T* p_prev, const T* wr_prev,          \
                                const T* ww_prev, const T* u_prev, const T* M, const T* wr, const T* ww,      \
                                const T* aux, const int32_t* order, const T* grad_reads,                      \
                                const T* grad_M, const T* grad_L, const T* grad_p, const T* grad_wr,          \
                                const T* grad_ww, const T* grad_u, T* g_xi, T* g_M_prev, T* g_L_prev,         \
                                T* g_p_prev, T* g_wr_prev, T* g_ww_prev, T* g_u_prev) {                       \
-        backward_batch<T>(B, N, W, R, threads, xi, M_prev, L_prev, p_prev, wr_prev, ww_prev, u_prev, M, wr,  \
+        backward_batch<T>(B, N, W, R, variants, mask_min, threads, xi, M_prev, L_prev, p_prev, wr_prev, ww_prev, u_prev, M, wr,  \
                           ww, aux, order, grad_reads, grad_M, grad_L, grad_p, grad_wr, grad_ww, grad_u,      \
                           g_xi, g_M_prev, g_L_prev, g_p_prev, g_wr_prev, g_ww_prev, g_u_prev);               \
     }
