@@ -161,3 +161,21 @@ def test_window_reaches_a_visdom_server(two_runs, visdom_server):
     for curve in event["curves"]:
         assert traces[curve["run"]]["x"] == curve["lengths"]
         assert traces[curve["run"]]["y"] == pytest.approx(curve["error"], abs=1e-9)
+
+
+def test_traced_event_is_a_snapshot_of_the_newest_checkpoint_at_any_length(two_runs):
+    from dnc_lab.viz.replay import ReplayError, traced_event
+
+    event = traced_event(two_runs / "A", length=6)  # trained on 1-3
+    assert event["kind"] == "snapshot" and event["step"] == 4  # the run's last checkpoint
+    steps = 2 * 6 + 1
+    assert len(event["inputs"]) == steps and sum(event["mask"]) == 6
+    assert len(event["views"]["read_weights"]) == steps and len(event["views"]["read_weights"][0][0]) == 6  # N=6
+    again = traced_event(two_runs / "A", length=6)
+    assert event["loss"] > 0 and {**again, "time": 0} == {**event, "time": 0}  # the seed fixes the sequence
+    assert traced_event(two_runs / "A", length=6, seed=5)["inputs"] != event["inputs"]
+    result = cli("viz", "--run", "A", "--length", "4", "--step", "2")
+    assert result.exit_code == 2 and "give one of them" in result.output
+    (two_runs / "empty").mkdir()
+    with pytest.raises(ReplayError, match="no checkpoint to trace"):
+        traced_event(two_runs / "empty", length=3)

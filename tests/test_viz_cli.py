@@ -101,3 +101,20 @@ def test_replay_of_an_earlier_snapshot_and_of_a_run_without_events(streamed_run,
     assert "step 2" in visdom_server.connection().windows("viz-step-2")["memory"]["title"]
     with pytest.raises(ReplayError, match="no dashboard events"):
         replay(tmp_path, port=visdom_server.port)
+
+
+def test_viz_length_draws_the_trained_model_on_a_longer_sequence(streamed_run, visdom_server, monkeypatch):
+    monkeypatch.setenv("DNCLAB_EXPERIMENTS", str(streamed_run.run_dir.parent))
+    result = run_cli(["viz", "--run", streamed_run.run_id, "--port", str(visdom_server.port), "--length", "12"])
+    assert result.exit_code == 0, result.output
+    assert "on one sequence of length 12, seed 1234, into env 'viz-stream-length12'" in result.output
+    connection = visdom_server.connection()
+    traced = connection.windows("viz-stream-length12")
+    live = connection.windows(streamed_run.env)
+    assert "memory" in traced
+    assert "loss" not in traced  # memory windows only: curves stay in the run's own env
+    # A copy of 12 vectors: 25 time steps along x, where the training samples had at most 8 vectors.
+    heatmaps = [w for w in traced.values() if w["content"]["data"][0]["type"] == "heatmap"
+                and "read weighting" in w["title"]]
+    assert heatmaps and len(heatmaps[0]["content"]["data"][0]["z"][0]) == 25
+    assert set(live) >= set(traced)  # the same windows; the run's env is left as it was

@@ -25,15 +25,22 @@ from dnc_lab.viz.server import is_loopback
                    "[default: the last]")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
               help="Seconds to wait for each answer from the server.")
-def viz(run, port, server_url, env, step, timeout):
+@click.option("--length", type=click.IntRange(min=1), default=None,
+              help="Instead of the log: trace the run's newest checkpoint on one fresh sequence of this "
+                   "length (the task's unit, as in `dnclab eval`) and draw its memory windows into env "
+                   "<run env>-length<L>, e.g. to watch a copy read along the links past its trained lengths.")
+@click.option("--seed", type=click.IntRange(min=0), default=1234, show_default=True,
+              help="With --length: the seed of the sequence (the same rule as `dnclab eval --seed`).")
+def viz(run, port, server_url, env, step, timeout, length, seed):
     """Replay a run's dashboard (finished or still running) into Visdom.
 
     Redraws every window from the run's event log (visdom.jsonl); replaying again gives the
-    same windows, not duplicates.
+    same windows, not duplicates. With --length, draws the memory windows of the trained model
+    on a fresh sequence of that length instead.
     """
     from dnc_lab.runs import SWEEP_FILE, experiments_root, resolve_run_dir
     from dnc_lab.viz.client import VisdomUnavailable, server_url as make_url
-    from dnc_lab.viz.replay import ReplayError, replay, run_viz_settings
+    from dnc_lab.viz.replay import ReplayError, replay, run_viz_settings, show_length
 
     sweep_dir = experiments_root() / run
     # A sweep's folder has the sweep's dashboard (every trial's curves); its trials are runs.
@@ -41,7 +48,16 @@ def viz(run, port, server_url, env, step, timeout):
     settings = run_viz_settings(run_dir)
     port = port or int(settings.get("port") or 8097)
     server_url = server_url or settings.get("server") or "http://localhost"
+    if length is not None and step is not None:
+        raise click.BadParameter("--step picks a logged snapshot; --length traces the newest checkpoint: "
+                                 "give one of them", param_hint="--step")
     try:
+        if length is not None:
+            result = show_length(run_dir, length, seed, env=env, server=server_url, port=port, timeout_s=timeout)
+            click.echo(f"Traced {run_dir.name} (checkpoint of step {result.snapshot_step}) on one sequence of "
+                       f"length {length}, seed {seed}, into env '{result.env}': {len(result.windows)} windows.")
+            click.echo(f"Open {result.url}/env/{result.env}")
+            return
         result = replay(run_dir, env=env, server=server_url, port=port, timeout_s=timeout,
                         step=step)
     except ReplayError as exc:

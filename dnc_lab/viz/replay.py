@@ -98,3 +98,56 @@ def replay(run_dir: Path, env: str | None = None, server: str = "http://localhos
         connection.close()
     windows = list(dict.fromkeys(body["win"] for _, body in messages))
     return ReplayResult(connection.url, env, windows, count, shown)
+
+
+def traced_event(run_dir: Path, length: int, seed: int = 1234) -> dict:
+    """A memory snapshot of the run's model (newest checkpoint) traced on one fresh sequence of
+    ``length`` (the task's unit), drawn as ``dnclab eval`` draws its sequences (same seed rule): what
+    the dashboard's memory windows show at a length the run may never have trained on. Its step is
+    the checkpoint's. Raises ReplayError for a task without lengths or a length it cannot make."""
+    import torch
+
+    from dnc_lab import runs
+    from dnc_lab.config import config_from_dict
+    from dnc_lab.tasks import make_task
+    from dnc_lab.training import is_categorical, objective_for, trace_sample
+
+    checkpoints = runs.list_checkpoints(run_dir)
+    if not checkpoints:
+        raise ReplayError(f"run {run_dir.name} has no checkpoint to trace yet")
+    model, config = runs.load_run(run_dir)
+    cfg = config_from_dict(config)
+    task = make_task(cfg.task)
+    if getattr(task, "length_meaning", None) is None:
+        raise ReplayError(f"--length does not apply to task {cfg.task.name!r}: its sequences have their own lengths")
+    generator = torch.Generator().manual_seed(seed * 100_003 + length)
+    try:
+        batch = task.sample(1, generator, length=length)
+    except ValueError as exc:
+        raise ReplayError(f"run {run_dir.name}: {exc}") from None
+    sample = trace_sample(model, batch, is_categorical(task))
+    with torch.no_grad():
+        logits, _ = model(batch.inputs)
+    loss = objective_for(task).loss(logits, batch.targets, batch.mask).item()
+    dims = {"nr_cells": cfg.model.nr_cells, "cell_size": cfg.model.cell_size,
+            "read_heads": cfg.model.read_heads, "num_writes": cfg.model.num_writes}
+    return eventlog.snapshot_event(checkpoints[-1][0], loss, dims=dims, **sample)
+
+
+def show_length(run_dir: Path, length: int, seed: int = 1234, env: str | None = None,
+                server: str = "http://localhost", port: int = 8097, timeout_s: float = 5.0) -> ReplayResult:
+    """Draw the memory windows of ``traced_event`` into ``env`` (default: the run's env with
+    ``-length<L>`` appended, so the training dashboard stays as it was). Nothing is logged."""
+    run_dir = Path(run_dir)
+    event = traced_event(run_dir, length, seed)
+    env = env_name(env) if env else f"{default_env(run_dir)}-length{length}"
+    messages = snapshot_figures(env, event)
+    connection = VisdomConnection(server, port, timeout_s=timeout_s)
+    try:
+        connection.open_env(env)
+        for endpoint, body in messages:
+            connection.post(endpoint, body)
+    finally:
+        connection.close()
+    windows = list(dict.fromkeys(body["win"] for _, body in messages))
+    return ReplayResult(connection.url, env, windows, 1, event["step"])
