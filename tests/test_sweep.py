@@ -122,6 +122,11 @@ def test_shipped_sweep_files_expand():
     assert [t.id for t in seeds] == [f"seed{s:02d}" for s in range(20)]
     _, memory = load_sweep(REPO / "configs/sweeps/copy_memory.yaml")
     assert {t.config for t in memory} == {"nr_cells16", "nr_cells32"} and len(memory) == 20
+    _, generalise = load_sweep(REPO / "configs/sweeps/copy_generalise.yaml")
+    assert {t.config for t in generalise} == {f"nr_cells{n}-target_ber{b}" for n in (32, 64) for b in ("0p001", "0p0001")}
+    assert len(generalise) == 24 and all("model.deallocation=true" in t.overrides for t in generalise)
+    _, series = load_sweep(REPO / "configs/sweeps/copy_series_variants.yaml")
+    assert len(series) == 40 and len({t.config for t in series}) == 4  # DNC, -S, -D, -DS x 10 seeds
 
 
 def test_trials_are_runs_listed_and_resolved_as_sweep_slash_trial(tmp_path, root):
