@@ -209,6 +209,16 @@ inline void exp_in_place(T* values, int64_t n) {
     }
 }
 
+// weights = softmax(beta * cos) over N cells, given top = max_n beta * cos[n] (subtracted for stability).
+template <typename T>
+inline void softmax_of_scaled(const T* cos, T beta, T top, T* weights, int64_t N) {
+    for (int64_t n = 0; n < N; ++n) weights[n] = beta * cos[n] - top;
+    exp_in_place(weights, N);
+    T sum = 0;
+    for (int64_t n = 0; n < N; ++n) sum += weights[n];
+    for (int64_t n = 0; n < N; ++n) weights[n] /= sum;
+}
+
 template <typename T>
 inline T sigmoid(T x) { return T(1) / (T(1) + std::exp(-x)); }
 
@@ -323,11 +333,7 @@ void content(const Dims& d, const T* M, const T* row_norms, const T* key, T beta
         cos[n] = dot / (nk * row_norms[n]);
         top = std::max(top, beta * cos[n]);
     }
-    for (int64_t n = 0; n < N; ++n) weights[n] = beta * cos[n] - top;
-    exp_in_place(weights, N);
-    T sum = 0;
-    for (int64_t n = 0; n < N; ++n) sum += weights[n];
-    for (int64_t n = 0; n < N; ++n) weights[n] /= sum;
+    softmax_of_scaled(cos, beta, top, weights, N);
 }
 
 // Backward of `content`: adds to grad_M [N, W] and grad_key [W], returns d/d beta.
@@ -390,11 +396,7 @@ __attribute__((noinline)) void masked_content(const Dims& d, const T* M, const T
         cos[n] = dot / (nk * row_norms[n]);
         top = std::max(top, beta * cos[n]);
     }
-    for (int64_t n = 0; n < N; ++n) weights[n] = beta * cos[n] - top;
-    exp_in_place(weights, N);
-    T sum = 0;
-    for (int64_t n = 0; n < N; ++n) sum += weights[n];
-    for (int64_t n = 0; n < N; ++n) weights[n] /= sum;
+    softmax_of_scaled(cos, beta, top, weights, N);
 }
 
 // Backward of `masked_content`: adds to grad_M [N, W], grad_key [W] and grad_mask [W], returns d/d beta.
