@@ -89,15 +89,8 @@ def replay(run_dir: Path, env: str | None = None, server: str = "http://localhos
         raise ReplayError(str(exc)) from exc
     if not count:
         raise ReplayError(f"{log_path} holds no events yet")
-    connection = VisdomConnection(server, port, timeout_s=timeout_s)
-    try:
-        connection.open_env(env)
-        for endpoint, body in messages:
-            connection.post(endpoint, body)
-    finally:
-        connection.close()
-    windows = list(dict.fromkeys(body["win"] for _, body in messages))
-    return ReplayResult(connection.url, env, windows, count, shown)
+    url, windows = _draw(env, messages, server, port, timeout_s)
+    return ReplayResult(url, env, windows, count, shown)
 
 
 def traced_event(run_dir: Path, length: int, seed: int = 1234) -> dict:
@@ -142,6 +135,12 @@ def show_length(run_dir: Path, length: int, seed: int = 1234, env: str | None = 
     event = traced_event(run_dir, length, seed)
     env = env_name(env) if env else f"{default_env(run_dir)}-length{length}"
     messages = snapshot_figures(env, event)
+    url, windows = _draw(env, messages, server, port, timeout_s)
+    return ReplayResult(url, env, windows, 1, event["step"])
+
+
+def _draw(env: str, messages: list, server: str, port: int, timeout_s: float) -> tuple[str, list[str]]:
+    """Post `messages` into `env` on the server: (its url, the names of the windows drawn)."""
     connection = VisdomConnection(server, port, timeout_s=timeout_s)
     try:
         connection.open_env(env)
@@ -149,5 +148,4 @@ def show_length(run_dir: Path, length: int, seed: int = 1234, env: str | None = 
             connection.post(endpoint, body)
     finally:
         connection.close()
-    windows = list(dict.fromkeys(body["win"] for _, body in messages))
-    return ReplayResult(connection.url, env, windows, 1, event["step"])
+    return connection.url, list(dict.fromkeys(body["win"] for _, body in messages))
