@@ -78,6 +78,7 @@ class DNCCore(nn.Module):
     def __init__(self, config: CoreConfig):
         super().__init__()
         self.config = config
+        self.variants = backends.Variants.of(config)  # what a fast backend's kernels are told at each call
         # torch's RNNs apply dropout between their hidden layers only
         self.dropout = config.dropout if config.num_hidden_layers > 1 else 0.0
         self.controllers = nn.ModuleList(
@@ -185,7 +186,7 @@ class DNCCore(nn.Module):
         weights = sequence.Weights(rnn_weights(rnn), *interface)
         state = [memories[0][key] for key in STATE_KEYS]
         features, h_t, c_t, reads, state = sequence.run(kernels, x, h0, c0, reads, state, weights, self.config.clip,
-                                                        link_every, backends.Variants.of(self.config))
+                                                        link_every, self.variants)
         return features, [(h_t, c_t)], [MemoryState(zip(STATE_KEYS, state))], reads
 
     def _time_step(self, x_t: torch.Tensor, weights: Optional[list], controller_hidden: list, memories: list,
@@ -223,7 +224,7 @@ class DNCCore(nn.Module):
         if kernels is None:
             return access(hidden, state)
         reads, new_state = kernels.memory_step(access.raw_interface(hidden), [state[key] for key in STATE_KEYS],
-                                               backends.Variants.of(self.config))
+                                               self.variants)
         return MemoryStep(reads, MemoryState(zip(STATE_KEYS, new_state)), None)
 
 
