@@ -582,15 +582,15 @@ def _fmt(value: Optional[float]) -> str:
 def _log_to_dashboard(dash, model: DNC, batch, last: dict, categorical: bool = False) -> None:
     """Curves, and memory views of sample 0 of the current batch (one extra forward, no grad)."""
     dash.log_scalars(last["step"], {"loss": last["loss"], "ber": last["ber"]})
-    sample = trace_sample(model, batch, categorical)
+    sample, _ = trace_sample(model, batch, categorical)
     dash.log_snapshot(last["step"], loss=last["loss"], **sample)
 
 
-def trace_sample(model: nn.Module, batch, categorical: bool = False) -> dict[str, Any]:
+def trace_sample(model: nn.Module, batch, categorical: bool = False) -> tuple[dict[str, Any], torch.Tensor]:
     """Sample 0 of ``batch`` traced through ``model`` (eval mode, no grad), up to its last answer
-    step: the keyword arguments of ``Dashboard.log_snapshot`` other than step and loss (views as
-    from ``DNC.trace``; inputs, targets, outputs, mask as numpy arrays [T, ...]). Outputs are
-    probabilities: per bit, or (``categorical``) a softmax over the classes."""
+    step T: (the keyword arguments of ``Dashboard.log_snapshot`` other than step and loss: views as
+    from ``DNC.trace``; inputs, targets, outputs, mask as numpy arrays [T, ...]; the logits [1, T, out]).
+    Outputs are probabilities: per bit, or (``categorical``) a softmax over the classes."""
     n = int(batch.mask[0].nonzero().max().item()) + 1 if batch.mask[0].any() else batch.mask.shape[1]
     inputs = batch.inputs[:1, :n]
     was_training = model.training
@@ -600,4 +600,4 @@ def trace_sample(model: nn.Module, batch, categorical: bool = False) -> dict[str
     model.train(was_training)
     outputs = torch.softmax(logits[0], -1) if categorical else torch.sigmoid(logits[0])
     return {"views": views, "inputs": inputs[0].cpu().numpy(), "targets": batch.targets[0, :n].cpu().numpy(),
-            "outputs": outputs.cpu().numpy(), "mask": batch.mask[0, :n].cpu().numpy()}
+            "outputs": outputs.cpu().numpy(), "mask": batch.mask[0, :n].cpu().numpy()}, logits

@@ -118,10 +118,9 @@ def traced_event(run_dir: Path, length: int, seed: int = 1234) -> dict:
         batch = task.sample(1, generator, length=length)
     except ValueError as exc:
         raise ReplayError(f"run {run_dir.name}: {exc}") from None
-    sample = trace_sample(model, batch, is_categorical(task))
-    with torch.no_grad():
-        logits, _ = model(batch.inputs)
-    loss = objective_for(task).loss(logits, batch.targets, batch.mask).item()
+    sample, logits = trace_sample(model, batch, is_categorical(task))
+    steps = logits.shape[1]  # the trace ends at the last answer step
+    loss = objective_for(task).loss(logits, batch.targets[:, :steps], batch.mask[:, :steps]).item()
     dims = {"nr_cells": cfg.model.nr_cells, "cell_size": cfg.model.cell_size,
             "read_heads": cfg.model.read_heads, "num_writes": cfg.model.num_writes}
     return eventlog.snapshot_event(checkpoints[-1][0], loss, dims=dims, **sample)
