@@ -167,8 +167,7 @@ def available() -> tuple[bool, str]:
 
 
 NAME = "native"
-SUPPORTED_VARIANTS: tuple = ("masked_lookup", "deallocation", "link_sharpness")  # all of backends.VARIANTS  # of dnc_lab.backends.VARIANTS
-
+SUPPORTED_VARIANTS: tuple = ("masked_lookup", "deallocation", "link_sharpness")  # all of dnc_lab.backends.VARIANTS
 
 
 def variant_bits(variants: Variants) -> int:
