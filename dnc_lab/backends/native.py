@@ -53,6 +53,7 @@ from typing import Optional
 import torch
 
 from dnc_lab.backends import PLAIN, Saved, Variants, check_variants
+from dnc_lab.memory import interface_sizes
 
 SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-fPIC", "-shared", "-fopenmp"]
@@ -193,9 +194,9 @@ STATE_NAMES = ("memory", "link_matrix", "precedence", "read_weights", "write_wei
 
 
 def interface_size(cells: int, width: int, reads: int, variants: Variants = PLAIN) -> int:
-    """S, the raw interface width for one write head and ``variants`` (csrc's Dims::S, memory.interface_sizes)."""
-    plain = reads * width + reads + 3 * width + 1 + reads + 2 + 3 * reads
-    return plain + (reads * width + width if variants.masked_lookup else 0) + (2 * reads if variants.link_sharpness else 0)
+    """S, the raw interface width for one write head and ``variants``: memory.interface_sizes summed
+    (csrc's Dims::S computes the same; a test checks they agree)."""
+    return sum(interface_sizes(width, reads, 1, variants.masked_lookup, variants.link_sharpness).values())
 
 
 def aux_size(cells: int, width: int, reads: int, variants: Variants = PLAIN) -> int:
